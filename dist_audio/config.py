@@ -1,0 +1,458 @@
+"""Typed run configuration: one dataclass per concern, read from YAML, checked before anything runs.
+
+A run config has five sections: ``model`` (``SashimiConfig`` or ``TFSWAConfig``, chosen by
+``model.name``), ``data``, ``optim``, ``train`` and ``log``. ``load_config`` reads a YAML file,
+applies ``--set``-style overrides (``"optim.lr=3e-4"``), converts every value to the declared type
+and validates ranges and cross-section rules. Any problem raises one ``ConfigError`` that names the
+offending key, so launchers can print it and exit with code 2 instead of a traceback.
+
+The distribution strategy (DDP, ZeRO, FSDP, offload) is *not* here: it lives in the Accelerate
+config file the run is launched with (``configs/accelerate/*.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "MODEL_CONFIGS",
+    "ConfigError",
+    "DataConfig",
+    "LogConfig",
+    "OptimConfig",
+    "RunConfig",
+    "S4Config",
+    "SashimiConfig",
+    "TFSWAConfig",
+    "TrainConfig",
+    "config_to_dict",
+    "config_from_dict",
+    "load_config",
+    "read_manifest",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A user error in a run config; ``key`` is the dotted path of the offending entry."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"config error at '{key}': {message}" if key else f"config error: {message}")
+
+
+# --------------------------------------------------------------------------------------------------
+# model sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class S4Config:
+    """The state-space layer inside SaShiMi (paper: Goel et al. 2022, section 3)."""
+
+    mode: Literal["diag", "dplr"] = "diag"  # S4D (diagonal, ZOH) or S4 (DPLR, bilinear, Cauchy kernel)
+    init: Literal["diag-lin", "diag-inv", "legs"] = "diag-lin"  # legs is the HiPPO-LegS init for dplr
+    d_state: int = 64
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    lr: float = 1e-3  # learning rate of the SSM parameters (dt, A, B, P); no weight decay
+    kernel_chunk: int = 8192  # kernel positions computed at once; bounds kernel memory at long L
+
+    def validate(self, key: str) -> None:
+        _check(self.d_state > 0 and self.d_state % 2 == 0, f"{key}.d_state", "must be a positive even number")
+        _check(0 < self.dt_min <= self.dt_max, f"{key}.dt_min", "need 0 < dt_min <= dt_max")
+        _check(self.lr > 0, f"{key}.lr", "must be > 0")
+        _check(self.kernel_chunk > 0, f"{key}.kernel_chunk", "must be > 0")
+        if self.mode == "dplr":
+            _check(self.init == "legs", f"{key}.init", "mode 'dplr' uses the HiPPO-LegS init: set init: legs")
+        else:
+            _check(self.init != "legs", f"{key}.init", "mode 'diag' takes init diag-lin or diag-inv")
+
+
+@dataclass
+class SashimiConfig:
+    """SaShiMi autoregressive waveform model over 2^bits quantized levels."""
+
+    name: Literal["sashimi"] = "sashimi"
+    d_model: int = 64
+    n_layers: int = 8  # residual blocks per stage (S4 and FF alternate)
+    pool: list[int] = field(default_factory=lambda: [4, 4])
+    expand: int = 2  # channel multiplier at each DownPool
+    ff: int = 2  # feed-forward expansion
+    glu: bool = False  # GLU output linear in the S4 layer
+    unet: bool = False  # residual blocks on the down path as well
+    dropout: float = 0.0
+    bits: int = 8
+    head: Literal["categorical", "dml"] = "categorical"
+    n_mixtures: int = 6  # DML head only
+    s4: S4Config = field(default_factory=S4Config)
+
+    def validate(self, key: str) -> None:
+        for name in ("d_model", "n_layers", "expand", "ff", "n_mixtures"):
+            _check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+        _check(all(p >= 1 for p in self.pool), f"{key}.pool", "every pooling factor must be >= 1")
+        _check(1 <= self.bits <= 16, f"{key}.bits", "must be in 1..16")
+        _check(0.0 <= self.dropout < 1.0, f"{key}.dropout", "must be in [0, 1)")
+        self.s4.validate(f"{key}.s4")
+
+
+@dataclass
+class TFSWAConfig:
+    """TF-SWA residual U-Net source separator on the STFT (Yao et al. 2025)."""
+
+    name: Literal["tfswa"] = "tfswa"
+    sources: list[str] = field(default_factory=lambda: ["drums", "bass", "other", "vocals"])
+    channels: int = 2  # audio channels of the mixture
+    n_fft: int = 2048
+    hop: int = 441
+    subbands: int = 1  # frequency sub-bands stacked as channels
+    dims: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # channel width per stage
+    depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # residual modules per stage
+    heads: int = 4
+    window: list[int] = field(default_factory=lambda: [8, 8])  # Swin window (frames, bins)
+    attention: Literal["bottleneck", "every_stage"] = "bottleneck"
+    output: Literal["mask", "magnitude"] = "mask"
+    mrstft_weight: float = 0.0  # weight of the multi-resolution STFT loss term next to waveform L1
+    dropout: float = 0.0
+
+    def validate(self, key: str) -> None:
+        _check(len(self.sources) > 0, f"{key}.sources", "need at least one source")
+        _check(len(set(self.sources)) == len(self.sources), f"{key}.sources", "sources must be unique")
+        _check(self.channels in (1, 2), f"{key}.channels", "must be 1 or 2")
+        _check(self.n_fft > 0 and self.hop > 0, f"{key}.n_fft", "n_fft and hop must be > 0")
+        _check(self.hop <= self.n_fft, f"{key}.hop", "must be <= n_fft")
+        _check(self.subbands >= 1, f"{key}.subbands", "must be >= 1")
+        _check(len(self.dims) > 0, f"{key}.dims", "need at least one stage")
+        _check(len(self.depths) == len(self.dims), f"{key}.depths", "must have one entry per entry of dims")
+        _check(all(d > 0 for d in self.dims), f"{key}.dims", "every width must be > 0")
+        _check(all(d >= 0 for d in self.depths), f"{key}.depths", "every depth must be >= 0")
+        _check(self.heads > 0, f"{key}.heads", "must be > 0")
+        _check(len(self.window) == 2 and min(self.window) > 0, f"{key}.window", "must be [frames, bins] > 0")
+        _check(self.mrstft_weight >= 0, f"{key}.mrstft_weight", "must be >= 0")
+        _check(0.0 <= self.dropout < 1.0, f"{key}.dropout", "must be in [0, 1)")
+
+
+MODEL_CONFIGS: dict[str, type] = {"sashimi": SashimiConfig, "tfswa": TFSWAConfig}
+ModelConfig = SashimiConfig | TFSWAConfig
+
+
+# --------------------------------------------------------------------------------------------------
+# data, optimizer, training, logging
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how batches are cut from them (see ``dist_audio.data``)."""
+
+    shards: str = ""  # directory holding manifest.json and the tar shards (data_prep output)
+    task: Literal["autoregressive", "separation"] = "autoregressive"
+    batch_size: int = 8  # per rank, per micro-step
+    segment_seconds: float = 1.0  # length of one training crop
+    num_workers: int = 0
+    shuffle_buffer: int = 256  # samples held for shuffling
+    epoch_batches: int = 0  # batches per rank in one training epoch; 0 = from the manifest
+    # autoregressive (SaShiMi) token settings
+    bits: int = 8
+    quantization: Literal["mu-law", "linear"] = "mu-law"
+    interleave_stereo: bool = False  # L/R interleaved into one sequence of twice the length
+    # separation: stems stacked in this order (must equal model.sources)
+    sources: list[str] = field(default_factory=lambda: ["drums", "bass", "other", "vocals"])
+    remix: bool = True  # stems drawn from different chunks, random gain, channel swap, sign flip
+    # corrupt input tolerance
+    max_bad_fraction: float = 0.01
+
+    def validate(self, key: str) -> None:
+        _check(bool(self.shards), f"{key}.shards", "required: the directory made by `python -m data_prep.shard`")
+        _check(self.batch_size > 0, f"{key}.batch_size", "must be > 0")
+        _check(self.segment_seconds > 0, f"{key}.segment_seconds", "must be > 0")
+        _check(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
+        _check(self.shuffle_buffer >= 0, f"{key}.shuffle_buffer", "must be >= 0")
+        _check(self.epoch_batches >= 0, f"{key}.epoch_batches", "must be >= 0")
+        _check(1 <= self.bits <= 16, f"{key}.bits", "must be in 1..16")
+        _check(0.0 <= self.max_bad_fraction <= 1.0, f"{key}.max_bad_fraction", "must be in [0, 1]")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup and a decay schedule; the model supplies its own parameter groups."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    schedule: Literal["cosine", "constant", "plateau"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    plateau_patience: int = 5  # validations without improvement before the lr is cut
+    plateau_factor: float = 0.5
+    ema_decay: float = 0.0  # 0 disables the EMA of the weights
+
+    def validate(self, key: str) -> None:
+        _check(self.lr > 0, f"{key}.lr", "must be > 0")
+        _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{key}.betas", "two values in [0, 1)")
+        _check(self.eps > 0, f"{key}.eps", "must be > 0")
+        _check(self.grad_clip >= 0, f"{key}.grad_clip", "must be >= 0")
+        _check(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, f"{key}.min_lr_ratio", "must be in [0, 1]")
+        _check(self.plateau_patience >= 1, f"{key}.plateau_patience", "must be >= 1")
+        _check(0 < self.plateau_factor < 1, f"{key}.plateau_factor", "must be in (0, 1)")
+        _check(0 <= self.ema_decay < 1, f"{key}.ema_decay", "must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: length, precision, checkpointing, validation, fault tolerance."""
+
+    name: str = "run"  # the run lives in <runs_dir>/<name>/
+    runs_dir: str = "runs"
+    max_steps: int = 1000  # optimizer steps
+    grad_accum: int = 1
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    activation_checkpointing: Literal["none", "blocks", "every_n"] = "none"
+    checkpointing_every_n: int = 2  # with activation_checkpointing: every_n, wrap every n-th block
+    checkpoint_every: int = 500  # optimizer steps between checkpoints
+    keep_last: int = 3  # checkpoints kept on disk
+    val_every: int = 500
+    val_batches: int = 0  # batches per validation; 0 = the whole validation split
+    seed: int = 0
+    auto_fit: bool = False  # on CUDA OOM halve the micro-batch and double grad_accum, then retry
+    max_nonfinite_steps: int = 5  # consecutive skipped (non-finite) steps before the run stops
+
+    def validate(self, key: str) -> None:
+        _check(bool(self.name) and "/" not in self.name, f"{key}.name", "must be a non-empty name without '/'")
+        for name in ("max_steps", "grad_accum", "checkpoint_every", "keep_last", "val_every",
+                     "checkpointing_every_n", "max_nonfinite_steps"):
+            _check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+        _check(self.val_batches >= 0, f"{key}.val_batches", "must be >= 0")
+
+
+@dataclass
+class LogConfig:
+    """What goes to TensorBoard and the console."""
+
+    every: int = 10  # steps between scalar logs
+    tensorboard: bool = True
+    audio_seconds: float = 2.0  # audio written to TensorBoard at each validation
+    progress_bar: bool = True
+
+    def validate(self, key: str) -> None:
+        _check(self.every > 0, f"{key}.every", "must be > 0")
+        _check(self.audio_seconds >= 0, f"{key}.audio_seconds", "must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.runs_dir) / self.train.name
+
+    def validate(self) -> None:
+        for section in ("model", "data", "optim", "train", "log"):
+            getattr(self, section).validate(section)
+        expected = "autoregressive" if self.model.name == "sashimi" else "separation"
+        _check(self.data.task == expected, "data.task", f"model '{self.model.name}' trains on '{expected}' data")
+        if isinstance(self.model, SashimiConfig):
+            _check(self.data.bits == self.model.bits, "data.bits", f"must equal model.bits ({self.model.bits})")
+        else:
+            _check(self.data.sources == self.model.sources, "data.sources",
+                   f"must equal model.sources ({self.model.sources})")
+
+
+# --------------------------------------------------------------------------------------------------
+# loading, overrides, type conversion
+# --------------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, check_data: bool = False) -> RunConfig:
+    """Read a YAML run config, apply ``key=value`` overrides, convert types and validate.
+
+    With ``check_data`` the shard directory is opened too: it must exist with a manifest whose
+    sample rate, channels, stems and chunk length suit the model and segment length.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError("", f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = config_from_dict(raw)
+    if check_data:
+        check_data_compatible(cfg)
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as a YAML scalar or list."""
+    if "=" not in item:
+        raise ConfigError(item, "an override must look like key.path=value")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(key, "empty component in the key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(key, f"cannot parse value {text!r}: {err}") from None
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), "is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build and validate a ``RunConfig`` from plain data (YAML or a checkpoint's saved config)."""
+    raw = dict(raw)
+    model_raw = raw.get("model")
+    if not isinstance(model_raw, dict):
+        raise ConfigError("model", "required section (with model.name: " + " | ".join(MODEL_CONFIGS) + ")")
+    name = model_raw.get("name")
+    if name not in MODEL_CONFIGS:
+        raise ConfigError("model.name", f"must be one of {sorted(MODEL_CONFIGS)}, got {name!r}")
+    raw["model"] = _build_dataclass(MODEL_CONFIGS[name], model_raw, "model")
+    cfg = _build_dataclass(RunConfig, raw, "", prebuilt={"model"})
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def _build_dataclass(cls: type, raw: Any, key: str, prebuilt: set[str] = frozenset()) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(key, f"expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{key}.{unknown[0]}" if key else unknown[0]
+        raise ConfigError(where, f"unknown key; known keys here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in raw.items():
+        sub = f"{key}.{name}" if key else name
+        kwargs[name] = value if name in prebuilt else _convert(value, hints[name], sub)
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{key}.{missing[0]}" if key else missing[0], "required key is missing")
+    return cls(**kwargs)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp, value if value is not None else {}, key)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(key, f"{value!r} matches none of the allowed types")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(key, f"must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(key, f"expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(key, f"expected a string, got {type(value).__name__} {value!r}")
+        return str(value)
+    raise ConfigError(key, f"unsupported config type {tp!r}")  # a bug in a dataclass declaration
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(key, message)
+
+
+# --------------------------------------------------------------------------------------------------
+# checks against the shard manifest
+# --------------------------------------------------------------------------------------------------
+
+
+def read_manifest(shards: str | Path) -> dict[str, Any]:
+    """The ``manifest.json`` that ``data_prep.shard`` writes last into a shard directory."""
+    path = Path(shards) / "manifest.json"
+    if not Path(shards).is_dir():
+        raise ConfigError("data.shards", f"directory not found: {shards}")
+    if not path.is_file():
+        raise ConfigError("data.shards", f"{shards} has no manifest.json (incomplete or not made by data_prep.shard)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError("data.shards", f"{path} is not valid JSON: {err}") from None
+
+
+def check_data_compatible(cfg: RunConfig) -> dict[str, Any]:
+    """Check the config against the shards' manifest; returns the manifest."""
+    manifest = read_manifest(cfg.data.shards)
+    chunk = manifest.get("options", {}).get("chunk_seconds")
+    train_split = manifest.get("splits", {}).get("train", {})
+    shortest = train_split.get("min_seconds", chunk)
+    if shortest is not None and cfg.data.segment_seconds > float(shortest) + 1e-9:
+        raise ConfigError("data.segment_seconds",
+                          f"{cfg.data.segment_seconds} s is longer than the shortest training chunk "
+                          f"({shortest} s) in {cfg.data.shards}; re-shard with a larger --chunk-seconds")
+    if not train_split.get("samples"):
+        raise ConfigError("data.shards", f"{cfg.data.shards} has no training samples")
+    if isinstance(cfg.model, TFSWAConfig):
+        stems = manifest.get("stems") or []
+        missing = [s for s in cfg.model.sources if s not in stems]
+        _check(manifest.get("layout") == "musdb", "data.shards",
+               "separation needs stem shards (data_prep.shard --layout musdb)")
+        _check(not missing, "model.sources", f"{missing} not among the shards' stems {stems}")
+        _check(manifest.get("channels") == cfg.model.channels, "model.channels",
+               f"the shards hold {manifest.get('channels')}-channel audio")
+    return manifest
