@@ -33,8 +33,8 @@ __all__ = [
     "SashimiConfig",
     "TFSWAConfig",
     "TrainConfig",
-    "config_to_dict",
     "config_from_dict",
+    "config_to_dict",
     "load_config",
     "read_manifest",
     "save_config",
@@ -280,7 +280,9 @@ class RunConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, check_data: bool = False) -> RunConfig:
+def load_config(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, check_data: bool = False
+) -> RunConfig:
     """Read a YAML run config, apply ``key=value`` overrides, convert types and validate.
 
     With ``check_data`` the shard directory is opened too: it must exist with a manifest whose
@@ -376,12 +378,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin is typing.Union or origin is types.UnionType:
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _convert(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                continue
         raise ConfigError(key, f"{value!r} matches none of the allowed types")
     if origin is Literal:
         if value not in args:
@@ -402,6 +403,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(key, f"expected an integer, got {type(value).__name__} {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {type(value).__name__} {value!r}")
         return float(value)
