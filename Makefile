@@ -20,8 +20,8 @@ install: $(STAMP)
 
 demo-data: $(STAMP)
 	$(PY) -m data_prep.demo $(DEMO)/audio
-	$(PY) -m data_prep.shard $(DEMO)/audio/speech $(DEMO)/shards/speech --layout files --sample-rate 16000 --channels 1 --chunk-seconds 4 --valid-fraction 0.2
-	$(PY) -m data_prep.shard $(DEMO)/audio/musdb $(DEMO)/shards/musdb --layout musdb --sample-rate 16000 --channels 2 --chunk-seconds 6
+	$(PY) -m data_prep.shard $(DEMO)/audio/speech $(DEMO)/shards/speech --layout files --sample-rate 16000 --channels 1 --chunk-seconds 4 --valid-fraction 0.2 --max-per-shard 4
+	$(PY) -m data_prep.shard $(DEMO)/audio/musdb $(DEMO)/shards/musdb --layout musdb --sample-rate 16000 --channels 2 --chunk-seconds 6 --max-per-shard 4
 	$(PY) -m data_prep.verify $(DEMO)/shards/speech
 	$(PY) -m data_prep.verify $(DEMO)/shards/musdb
 

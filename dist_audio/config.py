@@ -64,10 +64,12 @@ class S4Config:
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     lr: float = 1e-3  # learning rate of the SSM parameters (dt, A, B, P); no weight decay
-    kernel_chunk: int = 8192  # kernel positions computed at once; bounds kernel memory at long L
+    kernel_chunk: int = 1024  # dplr: frequencies per recomputed kernel chunk; bounds kernel memory at long L
+    l_max: int = 16384  # dplr: the input length (samples) the learned C~ = C(I - A^L) is defined at; longer is refused
 
     def validate(self, key: str) -> None:
         _check(self.d_state > 0 and self.d_state % 2 == 0, f"{key}.d_state", "must be a positive even number")
+        _check(self.l_max > 0, f"{key}.l_max", "must be > 0")
         _check(0 < self.dt_min <= self.dt_max, f"{key}.dt_min", "need 0 < dt_min <= dt_max")
         _check(self.lr > 0, f"{key}.lr", "must be > 0")
         _check(self.kernel_chunk > 0, f"{key}.kernel_chunk", "must be > 0")
@@ -93,10 +95,11 @@ class SashimiConfig:
     bits: int = 8
     head: Literal["categorical", "dml"] = "categorical"
     n_mixtures: int = 6  # DML head only
+    sample_rate: int = 16000  # of the training audio; generated WAVs and previews are written at it
     s4: S4Config = field(default_factory=S4Config)
 
     def validate(self, key: str) -> None:
-        for name in ("d_model", "n_layers", "expand", "ff", "n_mixtures"):
+        for name in ("d_model", "n_layers", "expand", "ff", "n_mixtures", "sample_rate"):
             _check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
         _check(all(p >= 1 for p in self.pool), f"{key}.pool", "every pooling factor must be >= 1")
         _check(1 <= self.bits <= 16, f"{key}.bits", "must be in 1..16")
@@ -122,6 +125,9 @@ class TFSWAConfig:
     output: Literal["mask", "magnitude"] = "mask"
     mrstft_weight: float = 0.0  # weight of the multi-resolution STFT loss term next to waveform L1
     dropout: float = 0.0
+    sample_rate: int = 44100  # the rate the model was trained at; separate.py resamples input to it
+    swin_depth: int = 2  # Swin layers per TFSWA module, alternating regular and shifted windows
+    mlp_ratio: int = 2  # hidden width of the feed-forward after each window attention, × the stage width
 
     def validate(self, key: str) -> None:
         _check(len(self.sources) > 0, f"{key}.sources", "need at least one source")
@@ -138,6 +144,11 @@ class TFSWAConfig:
         _check(len(self.window) == 2 and min(self.window) > 0, f"{key}.window", "must be [frames, bins] > 0")
         _check(self.mrstft_weight >= 0, f"{key}.mrstft_weight", "must be >= 0")
         _check(0.0 <= self.dropout < 1.0, f"{key}.dropout", "must be in [0, 1)")
+        _check(self.sample_rate > 0, f"{key}.sample_rate", "must be > 0")
+        _check(self.swin_depth >= 0, f"{key}.swin_depth", "must be >= 0")
+        _check(self.mlp_ratio >= 1, f"{key}.mlp_ratio", "must be >= 1")
+        _check(all(d % self.heads == 0 for d in self.dims), f"{key}.heads",
+               f"every stage width in dims {self.dims} must be divisible by heads ({self.heads})")
 
 
 MODEL_CONFIGS: dict[str, type] = {"sashimi": SashimiConfig, "tfswa": TFSWAConfig}
@@ -167,8 +178,10 @@ class DataConfig:
     # separation: stems stacked in this order (must equal model.sources)
     sources: list[str] = field(default_factory=lambda: ["drums", "bass", "other", "vocals"])
     remix: bool = True  # stems drawn from different chunks, random gain, channel swap, sign flip
-    # corrupt input tolerance
+    remix_gain: list[float] = field(default_factory=lambda: [0.25, 1.25])  # per-stem gain range [low, high]
+    # corrupt input tolerance: stop if more than this fraction of a window of samples is bad
     max_bad_fraction: float = 0.01
+    bad_window: int = 1000  # samples per window (counted per loader stream)
 
     def validate(self, key: str) -> None:
         _check(bool(self.shards), f"{key}.shards", "required: the directory made by `python -m data_prep.shard`")
@@ -179,6 +192,9 @@ class DataConfig:
         _check(self.epoch_batches >= 0, f"{key}.epoch_batches", "must be >= 0")
         _check(1 <= self.bits <= 16, f"{key}.bits", "must be in 1..16")
         _check(0.0 <= self.max_bad_fraction <= 1.0, f"{key}.max_bad_fraction", "must be in [0, 1]")
+        _check(self.bad_window > 0, f"{key}.bad_window", "must be > 0")
+        _check(len(self.remix_gain) == 2 and 0 <= self.remix_gain[0] <= self.remix_gain[1],
+               f"{key}.remix_gain", "must be [low, high] with 0 <= low <= high")
 
 
 @dataclass

@@ -1,0 +1,152 @@
+"""Check a shard directory against its manifest: every shard opens, every audio member decodes, and
+counts and durations agree.
+
+    python -m data_prep.verify OUT
+
+Exit code 0 only if everything agrees; otherwise each problem is printed on its own line and the exit
+code is 1. A directory without ``manifest.json`` (an interrupted ``data_prep.shard``) never passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import soundfile as sf
+
+from data_prep.shard import FORMAT_VERSION, MANIFEST_NAME, SHARD_NAME, TEMP_NAME
+
+__all__ = ["main", "verify"]
+
+
+def verify(out: str | Path) -> list[str]:
+    """All problems found in ``out`` (an empty list means the shards are complete and consistent)."""
+    out = Path(out)
+    manifest_path = out / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return [f"{out} has no {MANIFEST_NAME}: sharding did not finish (or this is not a shard directory)"]
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        return [f"{manifest_path} is not valid JSON: {err}"]
+    if manifest.get("format_version") != FORMAT_VERSION:
+        return [f"unsupported format_version {manifest.get('format_version')!r} (expected {FORMAT_VERSION})"]
+
+    problems: list[str] = []
+    listed = set()
+    for split_name, split in manifest["splits"].items():
+        all_frames: list[int] = []
+        for name, expected, short in zip(split["shards"], split["shard_samples"], split["shard_short_chunks"]):
+            listed.add(name)
+            counts = _check_shard(out / name, manifest, problems)
+            if counts is None:
+                continue
+            samples, frames, short_found = counts
+            all_frames += frames
+            if samples != expected:
+                problems.append(f"{name}: {samples} samples, manifest says {expected}")
+            if sorted(short_found) != sorted(short):
+                problems.append(f"{name}: short chunks {sorted(short_found)}, manifest says {sorted(short)}")
+        if sum(split["shard_samples"]) != split["samples"]:
+            problems.append(f"{split_name}: shard sample counts add up to {sum(split['shard_samples'])}, "
+                            f"manifest says {split['samples']}")
+        seconds = sum(all_frames) / manifest["sample_rate"]
+        shortest = min(all_frames, default=None)
+        if abs(seconds - split["seconds"]) > 1e-3:
+            problems.append(f"{split_name}: shards hold {seconds:.3f} s, manifest says {split['seconds']} s")
+        if shortest is not None and abs(shortest / manifest["sample_rate"] - split["min_seconds"]) > 1e-3:
+            problems.append(f"{split_name}: shortest chunk {shortest / manifest['sample_rate']:.3f} s, "
+                            f"manifest says {split['min_seconds']} s")
+    for path in sorted(out.iterdir()):
+        if TEMP_NAME.match(path.name):
+            problems.append(f"leftover temporary shard {path.name} (interrupted run?)")
+        elif SHARD_NAME.match(path.name) and path.name not in listed:
+            problems.append(f"{path.name} is not listed in the manifest")
+    return problems
+
+
+def _check_shard(path: Path, manifest: dict[str, Any], problems: list[str]) -> tuple[int, list[int], list[int]] | None:
+    """Decode every sample of one shard; returns (samples, frames per sample, frames of short chunks)."""
+    if not path.is_file():
+        problems.append(f"{path.name}: missing")
+        return None
+    codec = manifest["codec"]
+    signals = ["mixture", *manifest["stems"]] if manifest["layout"] == "musdb" else [""]
+    expected_suffixes = {"json"} | {f"{s}.{codec}" if s else codec for s in signals}
+    groups: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isreg():
+                    problems.append(f"{path.name}: {member.name} is not a regular file")
+                    continue
+                key, _, suffix = member.name.partition(".")
+                if suffix not in expected_suffixes:
+                    problems.append(f"{path.name}: unexpected member {member.name}")
+                    continue
+                file = tar.extractfile(member)
+                assert file is not None
+                groups.setdefault(key, {})[suffix] = file.read()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        problems.append(f"{path.name}: cannot read the tar file ({err})")
+        return None
+
+    frames_list, short = [], []
+    for key, members in groups.items():
+        missing = sorted(expected_suffixes - set(members))
+        if missing:
+            problems.append(f"{path.name}: sample {key} lacks {', '.join(missing)}")
+            continue
+        try:
+            meta = json.loads(members["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            problems.append(f"{path.name}: {key}.json is not valid JSON")
+            continue
+        for suffix in sorted(expected_suffixes - {"json"}):
+            problems.extend(f"{path.name}: {key}.{suffix}: {p}" for p in _check_audio(members[suffix], meta, manifest))
+        frames = int(meta.get("frames", 0))
+        frames_list.append(frames)
+        if frames < manifest["chunk_frames"]:
+            short.append(frames)
+    return len(groups), frames_list, short
+
+
+def _check_audio(data: bytes, meta: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    try:
+        audio, rate = sf.read(io.BytesIO(data), dtype="int16", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError) as err:
+        return [f"does not decode ({err})"]
+    found = []
+    if rate != manifest["sample_rate"]:
+        found.append(f"sample rate {rate}, manifest says {manifest['sample_rate']}")
+    if audio.shape[1] != manifest["channels"]:
+        found.append(f"{audio.shape[1]} channels, manifest says {manifest['channels']}")
+    if len(audio) != meta.get("frames"):
+        found.append(f"{len(audio)} frames, its JSON says {meta.get('frames')}")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.verify", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", help="shard directory made by python -m data_prep.shard")
+    args = parser.parse_args(argv)
+    problems = verify(args.out)
+    if problems:
+        for problem in problems:
+            print(f"FAIL {problem}", file=sys.stderr)
+        print(f"{args.out}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    manifest = json.loads((Path(args.out) / MANIFEST_NAME).read_text())
+    summary = "; ".join(f"{name}: {s['samples']} samples, {s['seconds']:.1f} s, {len(s['shards'])} shard(s)"
+                        for name, s in manifest["splits"].items())
+    print(f"OK {args.out}: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

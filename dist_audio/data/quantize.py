@@ -1,0 +1,67 @@
+"""Waveform ↔ integer levels for autoregressive models, with SaShiMi's conventions.
+
+Audio in [-1, 1] maps to ``2**bits`` levels. ``mu-law`` compands first (finer steps near zero, where
+speech and music spend most of their time); ``linear`` does not. Both use the same level grid as the
+SaShiMi reference: ``q = floor(u * (2**bits - eps) + eps / 2)`` for ``u`` in [0, 1], decoded as
+``2 * q / (2**bits - 1) - 1``. Silence maps to ``zero_level`` (``2**(bits - 1)``), which is also the
+first input token of every sequence. Unlike the reference we do not min-max scale each crop: levels
+keep the recording's loudness, and inputs outside [-1, 1] are clipped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+__all__ = ["QuantizationKind", "dequantize", "levels", "quantize", "zero_level"]
+
+QuantizationKind = Literal["mu-law", "linear"]
+
+_EPS = 0.01  # keeps u = 1 inside the top level instead of one past it
+
+
+def levels(bits: int) -> int:
+    _check_bits(bits)
+    return 1 << bits
+
+
+def zero_level(bits: int, kind: QuantizationKind = "mu-law") -> int:
+    """The level that silence maps to (the same for both kinds: the middle of the grid)."""
+    _check_kind(kind)
+    return levels(bits) // 2
+
+
+def quantize(x: torch.Tensor, bits: int = 8, kind: QuantizationKind = "mu-law") -> torch.Tensor:
+    """Float audio in [-1, 1] → Long levels in [0, 2**bits)."""
+    _check_kind(kind)
+    q_levels = levels(bits)
+    x = x.to(torch.float32).clamp(-1.0, 1.0)
+    if kind == "mu-law":
+        mu = q_levels - 1
+        # log(1 + mu|x|) rather than log1p: the argument is >= 1, so it is as accurate, and many times faster on CPU
+        x = torch.sign(x) * torch.log(1 + mu * x.abs()) / math.log1p(mu)
+    u = (x + 1) / 2
+    return (u * (q_levels - _EPS) + _EPS / 2).floor().long().clamp(0, q_levels - 1)
+
+
+def dequantize(q: torch.Tensor, bits: int = 8, kind: QuantizationKind = "mu-law") -> torch.Tensor:
+    """Long levels → float32 audio in [-1, 1] (the inverse of ``quantize`` up to one level)."""
+    _check_kind(kind)
+    q_levels = levels(bits)
+    y = 2 * q.to(torch.float64) / (q_levels - 1) - 1
+    if kind == "mu-law":
+        mu = q_levels - 1
+        y = torch.sign(y) * ((1 + mu) ** y.abs() - 1) / mu
+    return y.to(torch.float32)
+
+
+def _check_bits(bits: int) -> None:
+    if not 1 <= bits <= 16:
+        raise ValueError(f"bits must be in 1..16, got {bits}")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ("mu-law", "linear"):
+        raise ValueError(f"quantization kind must be 'mu-law' or 'linear', got {kind!r}")

@@ -1,0 +1,89 @@
+"""Autoregressive next-sample objective for SaShiMi: likelihood of quantized audio, in bits per sample.
+
+Batches are ``{"x": Long[b, l], "y": Long[b, l]}`` with x = y shifted right by one (the first input
+is the zero level). Previews are generated in recurrent mode, one sample at a time, as in inference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dist_audio.config import DataConfig, SashimiConfig
+from dist_audio.data.quantize import dequantize, zero_level
+from dist_audio.models.heads import CategoricalHead, DMLHead, make_head, nats_to_bits, sample_from_log_probs
+
+__all__ = ["AutoregressiveObjective", "generate"]
+
+_PREVIEW_SAMPLES = 2
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, head: CategoricalHead | DMLHead, *, num: int, steps: int, first_token: int,
+             temperature: float = 1.0, top_p: float = 1.0, prefix: Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Sample ``num`` sequences of ``steps`` new tokens in recurrent mode, after an optional prefix.
+
+    Returns the tokens Long[num, prefix + steps] (prefix included) and the log-likelihood in nats of
+    the generated tokens under the model itself (temperature 1, no nucleus cut), Float[num].
+    """
+    device = next(model.parameters()).device
+    prefix = torch.empty(num, 0, dtype=torch.long) if prefix is None else prefix
+    if prefix.shape[0] != num:
+        raise ValueError(f"prefix holds {prefix.shape[0]} sequences, expected {num}")
+    prefix = prefix.to(device)
+    state = model.default_state(num)
+    token = torch.full((num,), first_token, dtype=torch.long, device=device)
+    tokens, log_likelihood = [], torch.zeros(num, dtype=torch.float64, device=device)
+    for t in range(prefix.shape[1] + steps):
+        out, state = model.step(token, state)
+        if t < prefix.shape[1]:
+            token = prefix[:, t]
+        else:
+            log_probs = head.log_prob_bins(out)
+            token = sample_from_log_probs(log_probs, temperature=temperature, top_p=top_p, generator=generator)
+            log_likelihood += log_probs.gather(-1, token[:, None])[:, 0]
+        tokens.append(token)
+    return torch.stack(tokens, dim=1), log_likelihood
+
+
+class AutoregressiveObjective:
+    """Negative log-likelihood of the next quantized sample under the model's head."""
+
+    def __init__(self, model_cfg: SashimiConfig, data_cfg: DataConfig):
+        self.head = make_head(model_cfg.bits, model_cfg.head, model_cfg.n_mixtures)
+        self.bits = model_cfg.bits
+        self.quantization = data_cfg.quantization
+        self.interleave_stereo = data_cfg.interleave_stereo
+        self.sample_rate = model_cfg.sample_rate
+
+    def _nll(self, model: nn.Module, batch: dict) -> Tensor:
+        return self.head.nll(model(batch["x"]), batch["y"])
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        loss = self._nll(model, batch).mean()
+        return loss, {"bits_per_sample": nats_to_bits(loss.detach())}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
+        nll = self._nll(model, batch).mean(dim=-1)
+        return {"loss": nll, "bits_per_sample": nats_to_bits(nll)}
+
+    def preview(self, model: nn.Module, batch: dict, seconds: float) -> dict[str, Tensor]:
+        """A few unconditional samples of ``seconds`` each, decoded to [C, T] float audio."""
+        channels = 2 if self.interleave_stereo else 1
+        steps = int(seconds * self.sample_rate) * channels
+        was_training = model.training
+        model.eval()
+        try:
+            tokens, _ = generate(model, self.head, num=min(_PREVIEW_SAMPLES, batch["x"].shape[0]), steps=steps,
+                                 first_token=zero_level(self.bits, self.quantization))
+        finally:
+            model.train(was_training)
+        audio = dequantize(tokens.cpu(), self.bits, self.quantization)
+        return {f"generated_{i}": deinterleave(wave, channels) for i, wave in enumerate(audio)}
+
+
+def deinterleave(wave: Tensor, channels: int) -> Tensor:
+    """[T·C] interleaved samples → [C, T]."""
+    return wave[: wave.shape[-1] // channels * channels].reshape(-1, channels).T.contiguous()

@@ -1,0 +1,52 @@
+"""Quantization: levels, the zero level, and round-trip error bounds for mu-law and linear."""
+
+import math
+
+import pytest
+import torch
+
+from dist_audio.data.quantize import dequantize, quantize, zero_level
+
+
+@pytest.mark.parametrize("kind", ["mu-law", "linear"])
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_levels_cover_the_grid_and_silence_is_the_zero_level(kind, bits):
+    x = torch.linspace(-1, 1, 200_001)
+    q = quantize(x, bits, kind)
+    assert q.dtype == torch.long
+    assert q.min() == 0 and q.max() == 2**bits - 1
+    assert torch.all(q[1:] >= q[:-1]), "quantization must be monotonic"
+    assert quantize(torch.zeros(3), bits, kind).tolist() == [zero_level(bits, kind)] * 3
+    assert zero_level(bits, kind) == 2 ** (bits - 1)
+
+
+@pytest.mark.parametrize("bits", [4, 8, 12])
+def test_linear_round_trip_error_is_within_one_level(bits):
+    x = torch.rand(100_000) * 2 - 1
+    error = (dequantize(quantize(x, bits, "linear"), bits, "linear") - x).abs().max().item()
+    assert error <= 2 / (2**bits - 1) + 1e-6
+
+
+@pytest.mark.parametrize("bits", [4, 8, 12])
+def test_mu_law_round_trip_error_is_within_one_level_in_the_companded_domain(bits):
+    mu = 2**bits - 1
+
+    def compand(v):
+        return torch.sign(v) * torch.log1p(mu * v.abs()) / math.log1p(mu)
+
+    x = torch.rand(100_000, dtype=torch.float64) * 2 - 1
+    y = dequantize(quantize(x, bits, "mu-law"), bits, "mu-law").double()
+    assert (compand(y) - compand(x)).abs().max().item() <= 2 / mu + 1e-6
+    # mu-law is finer than linear near silence: quiet samples come back more precisely
+    quiet = x * 0.01
+    mu_err = (dequantize(quantize(quiet, bits, "mu-law"), bits, "mu-law").double() - quiet).abs().max()
+    lin_err = (dequantize(quantize(quiet, bits, "linear"), bits, "linear").double() - quiet).abs().max()
+    assert mu_err < lin_err
+
+
+def test_out_of_range_input_is_clipped_and_bad_arguments_are_refused():
+    assert quantize(torch.tensor([-3.0, 3.0]), 8, "linear").tolist() == [0, 255]
+    with pytest.raises(ValueError, match="kind"):
+        quantize(torch.zeros(1), 8, "a-law")
+    with pytest.raises(ValueError, match="bits"):
+        zero_level(0, "linear")

@@ -1,0 +1,82 @@
+"""The planner against reality: predicted peak vs measured peak of real CPU training steps.
+
+For each case the planner traces the step on fake tensors and adds the strategy's model states
+(single process: DDP's layout at world size 1; two processes: FSDP2 at world size 2, gloo). The same
+step then runs for real in a fresh process (``_measure.py``), measured by torch's MemTracker on real
+tensors and by the process's peak-RSS rise. Both must be within ±15 % of the prediction. The table is
+printed (``pytest -s tests/plan/test_accuracy.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_audio.config import load_config
+from dist_audio.plan import Tracer, config_workload, param_layout, predict
+
+HERE = Path(__file__).parent
+REPO = HERE.parents[1]
+TOLERANCE = 0.15
+MIB = 1024**2
+
+SASHIMI = {"config": "configs/sashimi/debug.yaml", "set": ["model.d_model=64", "model.n_layers=2"],
+           "batch": 2, "length": 16384}
+TFSWA = {"config": "configs/tfswa/debug.yaml", "set": ["model.dims=[16,32]"], "batch": 2, "length": 32000}
+SINGLE = [{**SASHIMI, "checkpointing": "none"}, {**SASHIMI, "checkpointing": "blocks"},
+          {**TFSWA, "checkpointing": "none"}, {**TFSWA, "checkpointing": "blocks"}]
+TWO_PROCESSES = [{**SASHIMI, "checkpointing": "none"}, {**TFSWA, "checkpointing": "blocks"}]
+
+
+def predicted_peak(case: dict, world: int) -> float:
+    workload = config_workload(load_config(REPO / case["config"], case["set"]))
+    with torch.device("meta"):
+        layout = param_layout(workload.build_model())
+    trace = Tracer(workload, cuda=False).step(case["batch"], case["length"], checkpointing=case["checkpointing"])
+    row = predict(trace, "ddp" if world == 1 else "fsdp", layout, world, world, cuda=False)
+    return row.total
+
+
+def measured_peaks(cases: list[dict], world: int, tmp_path: Path) -> list[list[dict]]:
+    """Per rank, per case: {tracker_peak, rss_delta} from real steps in fresh processes."""
+    cases_file = tmp_path / "cases.json"
+    cases_file.write_text(json.dumps([{**c, "config": str(REPO / c["config"])} for c in cases]))
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(HERE / "_measure.py"), "--cases", str(cases_file), "--world", str(world),
+                    "--out", str(tmp_path / "out")], check=True, env=env, cwd=REPO, timeout=600)
+    return [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def check_table(cases: list[dict], world: int, tmp_path: Path) -> None:
+    measured = measured_peaks(cases, world, tmp_path)
+    failures = []
+    print(f"\n{'case':<44}{'procs':>6}{'ckpt':>8}{'predicted':>12}{'MemTracker':>12}{'err':>8}"
+          f"{'peak RSS':>11}{'err':>8}   (MiB per process)")
+    for i, case in enumerate(cases):
+        prediction = predicted_peak(case, world)
+        for rank in range(world):
+            tracker, rss = measured[rank][i]["tracker_peak"], measured[rank][i]["rss_delta"]
+            errors = [(prediction - tracker) / tracker, (prediction - rss) / rss]
+            name = f"{Path(case['config']).parent.name} {' '.join(case['set'])} {case['batch']}×{case['length']}"
+            print(f"{name:<44}{world:>6}{case['checkpointing']:>8}{prediction / MIB:>12.1f}{tracker / MIB:>12.1f}"
+                  f"{errors[0]:>+8.1%}{rss / MIB:>11.1f}{errors[1]:>+8.1%}   rank {rank}")
+            if max(abs(e) for e in errors) > TOLERANCE:
+                failures.append((name, case["checkpointing"], rank, errors))
+    assert not failures, f"predictions off by more than {TOLERANCE:.0%}: {failures}"
+
+
+def test_prediction_matches_single_process_runs(tmp_path):
+    """Both models, with and without checkpointing, one process (DDP layout)."""
+    check_table(SINGLE, 1, tmp_path)
+
+
+@pytest.mark.slow
+def test_prediction_matches_two_process_fsdp_runs(tmp_path):
+    """Both models under FSDP2 on gloo with two processes: sharded model states per rank."""
+    check_table(TWO_PROCESSES, 2, tmp_path)

@@ -1,0 +1,130 @@
+"""launch/train.py as users meet it: exit codes, one-line errors, run directories and signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from dist_audio.train import trainer as trainer_lib
+from dist_audio.train.checkpoint import complete_checkpoints
+from launch import train as launch_train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli_args(path, overrides, *extra):
+    return ["--config", str(path), *[arg for item in overrides for arg in ("--set", item)], *extra]
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("train.max_stepz=3", "train.max_stepz"),  # unknown key
+    ("data.batch_size=many", "data.batch_size"),  # wrong type
+    ("data.batch_size=-2", "data.batch_size"),  # negative size
+    ("data.shards=/nonexistent/shards", "data.shards"),  # missing shard directory
+    ("data.segment_seconds=30", "data.segment_seconds"),  # longer than the chunks in the shards
+])
+def test_config_errors_exit_2_naming_the_key(make_cfg, capsys, override, key):
+    path, overrides, _ = make_cfg("sashimi")
+    assert launch_train.main(cli_args(path, overrides, "--set", override)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"'{key}'" in err and "Traceback" not in err
+
+
+def test_config_error_in_a_real_process_has_no_traceback(make_cfg):
+    path, overrides, _ = make_cfg("sashimi")
+    done = subprocess.run([sys.executable, str(REPO / "launch/train.py"),
+                           *cli_args(path, overrides, "--set", "optim.lr=fast")],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "'optim.lr'" in done.stderr
+
+
+def test_existing_run_dir_needs_resume_or_overwrite(make_cfg, capsys):
+    path, overrides, cfg = make_cfg("sashimi", "train.max_steps=2")
+    args = cli_args(path, overrides)
+    assert launch_train.main(args) == 0
+    first = (cfg.run_dir / "checkpoints" / "step-2" / "trainer_state.json").read_text()
+    capsys.readouterr()
+    assert launch_train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "'train.name'" in err and "--resume auto" in err and "--overwrite" in err
+    assert (cfg.run_dir / "checkpoints" / "step-2" / "trainer_state.json").read_text() == first
+    assert launch_train.main([*args, "--set", "train.max_steps=3", "--resume", "auto"]) == 0
+    assert [p.name for p in complete_checkpoints(cfg.run_dir)] == ["step-2", "step-3"]
+    assert launch_train.main([*args, "--overwrite"]) == 0
+    assert [p.name for p in complete_checkpoints(cfg.run_dir)] == ["step-2"]
+
+
+def test_sigterm_exits_0_with_resume_hint(make_cfg, monkeypatch, caplog):
+    build = trainer_lib.build_objective
+
+    def build_signalling(model_cfg, data_cfg):
+        objective = build(model_cfg, data_cfg)
+        loss, calls = objective.loss, []
+
+        def loss_then_signal(model, batch):
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return loss(model, batch)
+
+        objective.loss = loss_then_signal
+        return objective
+
+    monkeypatch.setattr(trainer_lib, "build_objective", build_signalling)
+    path, overrides, cfg = make_cfg("sashimi", "train.max_steps=10")
+    assert launch_train.main(cli_args(path, overrides)) == 0
+    assert [p.name for p in complete_checkpoints(cfg.run_dir)] == ["step-3"]
+    assert "stopped by SIGTERM after step 3" in caplog.text and "--resume auto" in caplog.text
+
+
+SECOND_SIGNAL = textwrap.dedent("""
+    import os, signal, sys
+    from dist_audio.train import trainer
+    from launch import train
+
+    build = trainer.build_objective
+
+    def build_signalling(model_cfg, data_cfg):
+        objective = build(model_cfg, data_cfg)
+        loss, calls = objective.loss, []
+
+        def loss_then_signals(model, batch):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+                print("survived the second signal", flush=True)
+            return loss(model, batch)
+
+        objective.loss = loss_then_signals
+        return objective
+
+    trainer.build_objective = build_signalling
+    sys.exit(train.main(sys.argv[1:]))
+""")
+
+
+def test_second_signal_exits_at_once(make_cfg):
+    path, overrides, cfg = make_cfg("sashimi", "train.max_steps=10")
+    done = subprocess.run([sys.executable, "-c", SECOND_SIGNAL, *cli_args(path, overrides)], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
+    assert "survived" not in done.stdout
+    assert complete_checkpoints(cfg.run_dir) == []
+
+
+def test_check_validates_without_training(make_cfg, capsys):
+    path, overrides, cfg = make_cfg("sashimi")
+    assert launch_train.main(cli_args(path, overrides, "--check")) == 0
+    assert not cfg.run_dir.exists()
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "config.yaml").write_text("model: {}\n")
+    assert launch_train.main(cli_args(path, overrides, "--check")) == 2
+    assert "'train.name'" in capsys.readouterr().err
