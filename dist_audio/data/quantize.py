@@ -37,13 +37,14 @@ def quantize(x: torch.Tensor, bits: int = 8, kind: QuantizationKind = "mu-law") 
     """Float audio in [-1, 1] → Long levels in [0, 2**bits)."""
     _check_kind(kind)
     q_levels = levels(bits)
-    x = x.to(torch.float32).clamp(-1.0, 1.0)
+    x = x.to(torch.float32).clamp(-1.0, 1.0)  # a new tensor: the in-place steps below leave the input alone
     if kind == "mu-law":
         mu = q_levels - 1
+        sign = torch.sign(x)
         # log(1 + mu|x|) rather than log1p: the argument is >= 1, so it is as accurate, and many times faster on CPU
-        x = torch.sign(x) * torch.log(1 + mu * x.abs()) / math.log1p(mu)
-    u = (x + 1) / 2
-    return (u * (q_levels - _EPS) + _EPS / 2).floor().long().clamp(0, q_levels - 1)
+        x = x.abs_().mul_(mu).add_(1).log_().mul_(sign).div_(math.log1p(mu))
+    levels_float = x.add_(1).mul_((q_levels - _EPS) / 2).add_(_EPS / 2).floor_()  # u = (x + 1) / 2 scaled to levels
+    return levels_float.long().clamp_(0, q_levels - 1)
 
 
 def dequantize(q: torch.Tensor, bits: int = 8, kind: QuantizationKind = "mu-law") -> torch.Tensor:

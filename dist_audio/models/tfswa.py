@@ -9,8 +9,8 @@ stages with ×2 upsampling and concatenated skips) → one mask (or magnitude) p
 applied to the mixture STFT, mixture phase → iSTFT.
 
 TFSWA modules (TSA, FSA, then Swin window attention alternating regular and shifted windows) sit in
-the bottleneck (the paper, ``placement="bottleneck"``) or after every stage (``"every_stage"``, the
-layout of the project this one replaces). All attention is ``tf_attention`` (fused SDPA), so the
+the bottleneck (the paper, ``placement="bottleneck"``) or after the residual modules of every encoder
+level (``"every_stage"``, the layout of the project this one replaces; decoder levels stay convolutional). All attention is ``tf_attention`` (fused SDPA), so the
 activation memory grows linearly with frames × bins.
 
 Axis letters: ``b`` batch, ``s`` sources, ``c`` audio channels, ``n`` samples, ``f`` frequency bins,

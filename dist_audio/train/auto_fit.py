@@ -44,9 +44,10 @@ def split_batch(batch: Batch, parts: int) -> list[Batch]:
                 isinstance(value, list) and len(value) == size)
             if per_sample:
                 piece[key] = value[start:start + step]
+            elif start == 0 or not isinstance(value, torch.Tensor):
+                piece[key] = value
             else:
-                piece[key] = value if start == 0 else torch.zeros_like(value) if isinstance(
-                    value, torch.Tensor) else value
+                piece[key] = torch.zeros_like(value)
         pieces.append(piece)
     return pieces
 

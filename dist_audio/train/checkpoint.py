@@ -122,14 +122,14 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, cfg: RunConfig, sta
             save_config(cfg, tmp / "config.yaml")
             (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=1))
             if final.exists():
-                shutil.rmtree(final)
+                _remove(final)
             tmp.rename(final)
         except OSError as err:
             error = err
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             for old in complete_checkpoints(run_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)
     if not _all_ranks_ok(accelerator, error is None):
         raise CheckpointError(f"could not write checkpoint {final}: {error or 'failed on the main rank'}; "
                               f"the partial checkpoint was removed and earlier checkpoints are intact")
@@ -188,6 +188,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _all_ranks_ok(accelerator: Accelerator, ok: bool) -> bool:
     flag = torch.tensor([0.0 if ok else 1.0], device=accelerator.device)
     return accelerator.reduce(flag, reduction="sum").item() == 0
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint so that a kill half-way never leaves it looking complete."""
+    (checkpoint / STATE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def _discard(accelerator: Accelerator, tmp: Path) -> None:

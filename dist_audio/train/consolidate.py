@@ -19,11 +19,10 @@ import yaml
 
 from dist_audio.config import RunConfig, config_from_dict
 from dist_audio.train.checkpoint import STATE_FILE, latest_checkpoint
-from dist_audio.train.parallelize import FSDP_STATE_DIR
+from dist_audio.train.parallelize import FSDP_STATE_DIR, plain_name
 
 __all__ = ["consolidated_weights", "resolve_checkpoint"]
 
-WRAPPER_NAMES = {"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}  # never model names
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -58,7 +57,7 @@ def consolidated_weights(checkpoint: str | Path, *, prefer_ema: bool = True
         weights, source = _fsdp_weights(ckpt, cfg), "fsdp2"
     else:
         raise FileNotFoundError(f"{ckpt} holds no model weights in a layout this version knows")
-    return {_strip_wrappers(k): v.detach().float().contiguous() for k, v in weights.items()}, cfg, source
+    return {plain_name(k): v.detach().float().contiguous() for k, v in weights.items()}, cfg, source
 
 
 def _deepspeed_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -78,10 +77,3 @@ def _fsdp_weights(ckpt: Path, cfg: RunConfig) -> dict[str, torch.Tensor]:
     dcp.load(state, checkpoint_id=str(directory), no_dist=True)
     return state["model"]
 
-
-def _strip_wrappers(key: str) -> str:
-    """Drop names that wrappers (DDP's leading ``module``, compile, checkpointing, FSDP1) insert."""
-    parts = key.split(".")
-    if parts[0] == "module":
-        parts = parts[1:]
-    return ".".join(p for p in parts if p not in WRAPPER_NAMES)

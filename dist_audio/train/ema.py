@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dist_audio.train.parallelize import plain_name
+
 __all__ = ["ShardedEMA", "gather_parameters"]
 
 
@@ -73,15 +75,15 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _named_parameters(model: nn.Module):
-    return [(name, p) for name, p in _unwrap(model).named_parameters() if p.requires_grad]
+    return [(plain_name(name), p) for name, p in _unwrap(model).named_parameters() if p.requires_grad]
 
 
 def _persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """Buffers that belong in a state dict (replicated on every rank under all strategies)."""
     inner = _unwrap(model)
-    keys = set(inner.state_dict(keep_vars=True))
-    return {name: b.detach().float().cpu().clone() if b.is_floating_point() else b.detach().cpu().clone()
-            for name, b in inner.named_buffers() if name in keys}
+    keys = {plain_name(k) for k in inner.state_dict(keep_vars=True)}
+    return {plain_name(name): b.detach().float().cpu().clone() if b.is_floating_point() else b.detach().cpu().clone()
+            for name, b in inner.named_buffers() if plain_name(name) in keys}
 
 
 def _held(param: torch.Tensor) -> torch.Tensor:

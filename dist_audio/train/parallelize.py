@@ -34,6 +34,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointWrapper,
     checkpoint_wrapper,
 )
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
 from dist_audio.config import TrainConfig
 
@@ -44,6 +45,7 @@ __all__ = [
     "block_modules",
     "load_training_state",
     "make_accelerator",
+    "plain_name",
     "save_training_state",
     "setup_model_and_optimizer",
 ]
@@ -222,11 +224,11 @@ def setup_model_and_optimizer(
             plugin = accelerator.state.fsdp_plugin
             if plugin.fsdp_version != 2:
                 raise StrategyError("set fsdp_version: 2 in the Accelerate config (FSDP1 is not supported)")
-            # auto-wrap by the model's own block classes (the config file cannot know them)
+            # auto-wrap by the model's own block classes (the config file cannot know them);
+            # Accelerate turns the policy into a callable inside prepare()
             plugin.transformer_cls_names_to_wrap = sorted({type(_unwrap_ac(b)).__name__
                                                            for b in block_modules(model)})
-            plugin.auto_wrap_policy = "transformer_based_wrap"
-            plugin.set_auto_wrap_policy(model)
+            plugin.auto_wrap_policy = transformer_auto_wrap_policy
             offload_params = offload_optimizer = _fsdp_offloads(plugin)
         optimizer = make_optimizer(model)
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -326,6 +328,18 @@ def load_training_state(accelerator: Accelerator, directory: str | Path) -> None
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
+
+
+WRAPPER_NAMES = {"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module"}  # never model names
+
+
+def plain_name(name: str) -> str:
+    """A parameter / state-dict name as the plain model spells it: without DDP's leading ``module``
+    and the names that checkpointing, compile and FSDP1 wrappers insert."""
+    parts = name.split(".")
+    if parts[0] == "module":
+        parts = parts[1:]
+    return ".".join(p for p in parts if p not in WRAPPER_NAMES)
 
 
 def _env_flag(name: str) -> bool:

@@ -126,6 +126,7 @@ class Trainer:
         cfg, accelerator, state = self.cfg, self.accelerator, self.state
         last_step = min(cfg.train.max_steps, until_step or cfg.train.max_steps)
         if accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         self.log_startup()
         result = TrainResult(step=state.step)

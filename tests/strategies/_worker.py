@@ -2,7 +2,8 @@
 
 Independent of the training loop: fixed synthetic batches (the same global batch on every run, each
 rank taking its contiguous slice), AdamW over the model's parameter groups, fp32, no clipping.
-Writes ``OUT/rank<r>.json`` (per-step mean loss over the global batch, StrategyInfo, EMA checksums).
+Writes ``OUT/rank<r>.json`` (per-step mean loss over the global batch, gradient norm as
+``accelerator.clip_grad_norm_`` reports it, StrategyInfo, EMA checksums).
 With ``--save-at K`` it writes a real checkpoint (``dist_audio.train.checkpoint``) into ``OUT/run``
 after step K, reloads it and goes on; rank 0 also stores the gathered weights and EMA at that point
 (``OUT/at_save.safetensors``, ``OUT/ema_at_save.safetensors``) for the export tests.
@@ -81,11 +82,12 @@ def main() -> None:
 
     model, optimizer, info = setup_model_and_optimizer(accelerator, model, make_optimizer, cfg.train)
     ema = ShardedEMA(model, args.ema) if args.ema else None
-    losses = []
+    losses, grad_norms = [], []
     for step, batch in enumerate(synthetic_batches(cfg, args.global_batch, args.length, args.steps), start=1):
         local = {k: v[rank * per_rank:(rank + 1) * per_rank].to(accelerator.device) for k, v in batch.items()}
         loss, _ = objective.loss(model, local)
         accelerator.backward(loss)
+        grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), 1e6)))  # reports, never clips
         optimizer.step()
         optimizer.zero_grad()
         if ema:
@@ -101,7 +103,7 @@ def main() -> None:
                 if ema_weights:
                     save_file(ema_weights, str(out / "ema_at_save.safetensors"))
             load_checkpoint(accelerator, path, ema)
-    result = {"losses": losses, "info": dataclasses.asdict(info)}
+    result = {"losses": losses, "grad_norms": grad_norms, "info": dataclasses.asdict(info)}
     if ema:
         result["ema"] = {name: w.double().sum().item() for name, w in ema.full_weights(model).items()}
     (out / f"rank{rank}.json").write_text(json.dumps(result))

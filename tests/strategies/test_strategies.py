@@ -26,8 +26,11 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "strategies" / "_worker.py"
 STEPS, SAVE_AT, EMA = 6, 3, 0.9
 
-FAST = [("ddp", "sashimi"), ("zero2", "tfswa"), ("zero3_offload", "sashimi"), ("fsdp", "tfswa")]
-SLOW = [("ddp", "tfswa"), ("zero2", "sashimi"), ("zero3_offload", "tfswa"), ("fsdp_offload", "sashimi")]
+# (strategy, model, activation checkpointing): checkpointing must not change the losses either
+FAST = [("ddp", "sashimi", "none"), ("zero2", "tfswa", "every_n"), ("zero3_offload", "sashimi", "blocks"),
+        ("fsdp", "tfswa", "blocks")]
+SLOW = [("ddp", "tfswa", "blocks"), ("zero2", "sashimi", "none"), ("zero3_offload", "tfswa", "none"),
+        ("fsdp_offload", "sashimi", "every_n")]
 CASES = [pytest.param(*c, id="-".join(c)) for c in FAST] + [
     pytest.param(*c, id="-".join(c), marks=pytest.mark.slow) for c in SLOW]
 
@@ -52,9 +55,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_worker(out: Path, model: str, strategy: str | None) -> list[dict]:
+def run_worker(out: Path, model: str, strategy: str | None, ac: str = "none") -> list[dict]:
     """Run the worker (``strategy=None``: plain single process) and return each rank's result."""
-    args = [str(WORKER), "--model", model, "--steps", str(STEPS), "--out", str(out)]
+    args = [str(WORKER), "--model", model, "--steps", str(STEPS), "--ac", ac, "--out", str(out)]
     if strategy is None:
         command = [sys.executable, *args]
     else:
@@ -68,24 +71,25 @@ def run_worker(out: Path, model: str, strategy: str | None) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory):
-    """Single-process losses per model, computed once per model on first use."""
-    cache: dict[str, list[float]] = {}
+    """Single-process result per model, computed once per model on first use."""
+    cache: dict[str, dict] = {}
 
-    def get(model: str) -> list[float]:
+    def get(model: str) -> dict:
         if model not in cache:
-            cache[model] = run_worker(tmp_path_factory.mktemp(f"single-{model}"), model, None)[0]["losses"]
+            cache[model] = run_worker(tmp_path_factory.mktemp(f"single-{model}"), model, None)[0]
         return cache[model]
 
     return get
 
 
-@pytest.mark.parametrize(("strategy", "model"), CASES)
-def test_two_processes_match_one(strategy: str, model: str, reference, tmp_path: Path):
-    results = run_worker(tmp_path, model, strategy)
+@pytest.mark.parametrize(("strategy", "model", "ac"), CASES)
+def test_two_processes_match_one(strategy: str, model: str, ac: str, reference, tmp_path: Path):
+    results = run_worker(tmp_path, model, strategy, ac)
     assert len(results) == 2
     expected = reference(model)
     for result in results:
-        assert result["losses"] == pytest.approx(expected, rel=1e-4)
+        assert result["losses"] == pytest.approx(expected["losses"], rel=1e-4)
+        assert result["grad_norms"] == pytest.approx(expected["grad_norms"], rel=1e-4)
 
     kind, stage, sharded, offloaded = EXPECTED[strategy]
     infos = [r["info"] for r in results]
@@ -93,6 +97,8 @@ def test_two_processes_match_one(strategy: str, model: str, reference, tmp_path:
         assert (info["distributed_type"], info["zero_stage"], info["world_size"]) == (kind, stage, 2)
         assert info["sharded_params"] is sharded
         assert info["offload_params"] is offloaded and info["offload_optimizer"] is offloaded
+        assert info["activation_checkpointing"] == ac
+        assert (info["blocks_checkpointed"] > 0) is (ac != "none")
     total = infos[0]["params_total"]
     held = [info["params_on_rank"] for info in infos]
     if sharded:  # each rank about half (padding and uneven dim-0 splits aside)

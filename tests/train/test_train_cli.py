@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -128,3 +129,51 @@ def test_check_validates_without_training(make_cfg, capsys):
     (cfg.run_dir / "config.yaml").write_text("model: {}\n")
     assert launch_train.main(cli_args(path, overrides, "--check")) == 2
     assert "'train.name'" in capsys.readouterr().err
+
+
+KILLED_WHILE_CHECKPOINTING = textwrap.dedent("""
+    import sys, time
+    from dist_audio.train import parallelize
+    from launch import train
+
+    save = parallelize.save_training_state
+
+    def save_then_hang(accelerator, directory):
+        save(accelerator, directory)
+        if directory.name == ".tmp-step-4":
+            print("WRITING step 4", flush=True)
+            time.sleep(300)
+
+    parallelize.save_training_state = save_then_hang
+    sys.exit(train.main(sys.argv[1:]))
+""")
+
+
+def test_kill_9_while_checkpointing_resumes_from_previous_with_equal_losses(make_cfg):
+    settings = ["train.max_steps=6", "train.checkpoint_every=2", "optim.warmup_steps=3"]
+    _, _, reference_cfg = make_cfg("sashimi", *settings, "train.name=reference")
+    accelerator = trainer_lib.make_accelerator(reference_cfg)
+    reference = trainer_lib.Trainer(reference_cfg, accelerator).train().losses
+
+    path, overrides, cfg = make_cfg("sashimi", *settings, "train.name=killed")
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_CHECKPOINTING, *cli_args(path, overrides)],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    try:
+        for line in child.stdout:
+            if line.startswith("WRITING"):
+                break
+        child.kill()  # SIGKILL half-way through writing checkpoint step-4
+    finally:
+        child.wait(timeout=60)
+    root = cfg.run_dir / "checkpoints"
+    assert (root / ".tmp-step-4").is_dir() and [p.name for p in complete_checkpoints(cfg.run_dir)] == ["step-2"]
+
+    resumed = trainer_lib.Trainer(cfg, trainer_lib.make_accelerator(cfg), resume=True)
+    assert resumed.state.step == 2
+    losses = resumed.train().losses
+    assert losses.keys() == {3, 4, 5, 6}
+    for step, loss in losses.items():
+        assert math.isclose(loss, reference[step], rel_tol=1e-5), (step, loss, reference[step])
+    assert [p.name for p in complete_checkpoints(cfg.run_dir)] == ["step-4", "step-6"]
+    assert not (root / ".tmp-step-4").exists()
