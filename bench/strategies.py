@@ -82,11 +82,17 @@ def strategy_worker(args: argparse.Namespace) -> None:
     accelerator.end_training()
 
 
-def _local_bytes(t: torch.Tensor) -> int:
+def _held(t: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter or state this rank stores (ZeRO-3 partition, DTensor shard, or all)."""
     if hasattr(t, "ds_tensor"):
         t = t.ds_tensor
     if hasattr(t, "to_local"):
         t = t.to_local()
+    return t
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    t = _held(t)
     return t.numel() * t.element_size()
 
 
@@ -96,9 +102,13 @@ def model_state_bytes(model, optimizer) -> dict[str, float]:
     while hasattr(inner, "optimizer"):  # Accelerate wrapper -> DeepSpeed ZeRO optimizer -> torch AdamW
         inner = inner.optimizer
     params = list(model.parameters())
-    storages = {p.untyped_storage().data_ptr() for p in params if p.numel()}
-    master = sum(_local_bytes(p) for g in inner.param_groups for p in g["params"]
-                 if p.untyped_storage().data_ptr() not in storages)
+    # The optimizer's own parameters are fp32 master copies where they have their own storage (ZeRO-3 in
+    # fp32 shares the partition). ZeRO-3 puts them into param_groups only during step(): take the
+    # state keys too.
+    storages = {_held(p).untyped_storage().data_ptr() for p in params if _held(p).numel()}
+    optimized = {id(p): p for p in [*inner.state, *(p for g in inner.param_groups for p in g["params"])]}
+    master = sum(_local_bytes(p) for p in optimized.values()
+                 if _held(p).untyped_storage().data_ptr() not in storages)
     state = sum(_local_bytes(t) for s in inner.state.values() for t in s.values()
                 if torch.is_tensor(t) and t.numel() > 1)
     mib = 2 ** 20

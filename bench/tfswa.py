@@ -98,13 +98,15 @@ def stage0_layer_memory(cfg, seconds: float, kind: str) -> dict[str, int]:
         return out
 
 
-def step_seconds(model: TFSWAUNet, seconds: float, rate: int) -> float:
+def step_seconds(model: TFSWAUNet, seconds: float, rate: int) -> tuple[float, float]:
+    """Wall and CPU seconds (all threads) of one forward + backward; on a busy machine CPU time / threads
+    estimates the wall time an idle one would take."""
     mix = torch.randn(1, model.channels, samples(seconds, rate))
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     model(mix).abs().mean().backward()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     model.zero_grad(set_to_none=True)
-    return elapsed
+    return elapsed, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# TF-SWA at seed-003; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()}\n")
 
-    print("| segment | saved for backward | × 1 s | fwd + bwd | original (saved / time) |")
-    print("|---|---|---|---|---|")
+    print("| segment | saved for backward | × 1 s | fwd + bwd wall | CPU time / threads | original (saved / time) |")
+    print("|---|---|---|---|---|---|")
     memory = {s: model_memory(cfg, s) for s in args.lengths}
     timed = {}
     if args.time_lengths:
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in sorted(set(memory) | set(timed)):
         mem = f"{memory[s] / GB:.3f} GB" if s in memory else "-"
         ratio = f"{memory[s] / base:.2f}" if s in memory else "-"
-        step = f"{timed[s]:.1f} s" if s in timed else "-"
+        step = f"{timed[s][0]:.1f} s | {timed[s][1] / torch.get_num_threads():.1f} s" if s in timed else "- | -"
         orig = ORIGINAL.get(s)
         orig_text = f"{orig[0] / GB:.1f} GB / {orig[1]:.1f} s" if orig else ("OOM on 24 GB" if s >= 3 else "-")
         print(f"| {s:g} s | {mem} | {ratio} | {step} | {orig_text} |")

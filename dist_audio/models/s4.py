@@ -54,13 +54,16 @@ class DiagRecurrence:
     dB: Tensor
     dC: Tensor
 
+    def __post_init__(self):
+        self.readout = self.dC.conj().resolve_conj()  # vecdot conjugates its first argument
+
     def zeros(self, batch_size: int) -> Tensor:
         return self.dA.new_zeros(batch_size, *self.dA.shape)
 
     def step(self, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
         """x [b, h, m] complex, u [b, h] real → (new x, y [b, h])."""
-        x = self.dA * x + self.dB * u[..., None]
-        return x, torch.linalg.vecdot(self.dC.conj(), x).real
+        x = torch.addcmul(self.dA * x, self.dB, u[..., None])
+        return x, torch.linalg.vecdot(self.readout, x).real
 
 
 @dataclass
@@ -394,4 +397,5 @@ class S4Layer(nn.Module):
         """One time step: u [b, h] → y [b, h]."""
         x, rec = state
         x, y = rec.step(x, u)
-        return self._mix(F.gelu(y + u * self.D)), (x, rec)
+        y = F.linear(F.gelu(torch.addcmul(y, u, self.D)), self.output_weight, self.output_bias)
+        return F.glu(y, dim=-1) if self.glu else y, (x, rec)

@@ -10,8 +10,9 @@ applied to the mixture STFT, mixture phase → iSTFT.
 
 TFSWA modules (TSA, FSA, then Swin window attention alternating regular and shifted windows) sit in
 the bottleneck (the paper, ``placement="bottleneck"``) or after the residual modules of every encoder
-level (``"every_stage"``, the layout of the project this one replaces; decoder levels stay convolutional). All attention is ``tf_attention`` (fused SDPA), so the
-activation memory grows linearly with frames × bins.
+level (``"every_stage"``, the layout of the project this one replaces; decoder levels stay
+convolutional). All attention is ``tf_attention`` (fused SDPA), so the activation memory grows linearly
+with frames × bins.
 
 Axis letters: ``b`` batch, ``s`` sources, ``c`` audio channels, ``n`` samples, ``f`` frequency bins,
 ``t`` frames, ``d`` feature channels.

@@ -68,7 +68,7 @@ def plot(plan: Plan, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = sorted({(r.activation_checkpointing, r.precision) for r in plan.rows})
+    variants = list(dict.fromkeys((r.activation_checkpointing, r.precision) for r in plan.rows))
     strategies = list(dict.fromkeys(r.strategy for r in plan.rows))
     by_key = {(r.strategy, r.activation_checkpointing, r.precision): r for r in plan.rows}
     colors = {"params": "#4c72b0", "grads": "#dd8452", "optimizer": "#55a868", "activations": "#c44e52",

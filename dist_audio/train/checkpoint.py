@@ -97,8 +97,11 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, cfg: RunConfig, sta
     rank = accelerator.process_index
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-step-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        # leftovers of a kill: unfinished writes, and old checkpoints half-deleted by keep_last
+        for stale in root.iterdir():
+            half_deleted = CHECKPOINT_PATTERN.fullmatch(stale.name) and not (stale / STATE_FILE).is_file()
+            if stale.name.startswith(".tmp-step-") or half_deleted:
+                shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     accelerator.wait_for_everyone()
     error = None

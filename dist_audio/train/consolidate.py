@@ -12,6 +12,7 @@ A checkpoint directory (``runs/<name>/checkpoints/step-<N>/``, see ``checkpoint.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -74,6 +75,8 @@ def _fsdp_weights(ckpt: Path, cfg: RunConfig) -> dict[str, torch.Tensor]:
 
     state = {"model": build_model(cfg.model).state_dict()}
     directory = ckpt / FSDP_STATE_DIR if (ckpt / FSDP_STATE_DIR).is_dir() else ckpt / "pytorch_model_fsdp_0"
-    dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(directory), no_dist=True)
     return state["model"]
 

@@ -41,10 +41,12 @@ class ShardedEMA:
         self.num_updates += 1
 
     def full_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The complete fp32 EMA weights on CPU with the model's persistent buffers: a state dict
-        for the plain model (collective under ZeRO-3 / FSDP)."""
+        """The complete fp32 EMA weights on CPU, with frozen parameters and persistent buffers as
+        they are: a state dict for the plain model (collective under ZeRO-3 / FSDP)."""
         weights = {name: _gather(param, self.shadow[name]) for name, param in _named_parameters(model)}
-        return weights | _persistent_buffers(model)
+        frozen = {plain_name(name): _gather(param, _held(param).detach().float())
+                  for name, param in _unwrap(model).named_parameters() if not param.requires_grad}
+        return weights | frozen | _persistent_buffers(model)
 
     def state_dict(self) -> dict:
         """Consolidated state: ``decay``, ``num_updates`` and full fp32 ``weights`` (collective)."""

@@ -4,9 +4,9 @@
 overrides, micro-batch, length, checkpointing) two AdamW steps of the config's model, the second
 measured once the optimizer states exist; in one process, or in ``--world 2`` gloo processes with
 FSDP2 (``fully_shard`` on every block, then the root, as the trainer does). Writes
-``DIR/rank<r>.json``: per case ``tracker_peak`` (torch's MemTracker over the second step, real
-tensors) and ``rss_delta`` (peak RSS over both steps above the RSS before the model was built; the
-peak is reset between cases through /proc/self/clear_refs). Run it with
+``DIR/rank<r>.json``: per case ``tracker_peak`` (torch's MemTracker, FSDPMemTracker under FSDP2,
+over the second step, real tensors) and ``rss_delta`` (peak RSS over both steps above the RSS before
+the model was built; the peak is reset between cases through /proc/self/clear_refs). Run it with
 ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors go back to the OS and RSS follows live memory.
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed.fsdp import fully_shard
 
@@ -65,8 +66,13 @@ def measure(case: dict, world: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     step()
-    tracker = MemTracker()
-    tracker.track_external(model, optimizer, *[v for v in batch.values() if isinstance(v, torch.Tensor)])
+    inputs = [v for v in batch.values() if isinstance(v, torch.Tensor)]
+    if world > 1:  # FSDP2's all-gather buffers live in storages that FSDPMemTracker knows how to follow
+        tracker = FSDPMemTracker(model, optimizer)
+        tracker.track_inputs(tuple(inputs))
+    else:
+        tracker = MemTracker()
+        tracker.track_external(model, optimizer, *inputs)
     with tracker:
         step()
     peak = sum(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())

@@ -57,13 +57,13 @@ def free_port() -> int:
 
 def run_worker(out: Path, model: str, strategy: str | None, ac: str = "none") -> list[dict]:
     """Run the worker (``strategy=None``: plain single process) and return each rank's result."""
-    args = [str(WORKER), "--model", model, "--steps", str(STEPS), "--ac", ac, "--out", str(out)]
+    args = [str(WORKER), "--model", model, "--steps", str(STEPS), "--ac", ac, "--ema", str(EMA), "--out", str(out)]
     if strategy is None:
         command = [sys.executable, *args]
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    str(ROOT / "configs" / "accelerate" / f"{strategy}.yaml"), "--num_processes", "2",
-                   "--main_process_port", str(free_port()), *args, "--save-at", str(SAVE_AT), "--ema", str(EMA)]
+                   "--main_process_port", str(free_port()), *args, "--save-at", str(SAVE_AT)]
     proc = subprocess.run(command, cwd=ROOT, env=worker_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
@@ -107,6 +107,7 @@ def test_two_processes_match_one(strategy: str, model: str, ac: str, reference, 
     else:
         assert held == [total, total]
     assert results[0]["ema"] == results[1]["ema"]
+    assert list(results[0]["ema"].values()) == pytest.approx(list(expected["ema"].values()), rel=1e-4, abs=1e-5)
 
     # the checkpoint written under this strategy exports to the weights gathered at save time
     for flags, reference_file in (([], "ema_at_save.safetensors"), (["--no-ema"], "at_save.safetensors")):
@@ -128,3 +129,12 @@ def test_export_rejects_a_directory_without_checkpoints(tmp_path: Path):
                           cwd=ROOT, env=worker_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "neither a checkpoint" in proc.stderr
+
+
+def test_fsdp_that_cannot_shard_is_refused_not_run_unsharded(tmp_path: Path):
+    env = worker_env() | {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # what the launcher sets
+    proc = subprocess.run([sys.executable, str(WORKER), "--model", "tfswa", "--steps", "1", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "StrategyError: FSDP needs a multi-process launch" in proc.stderr
+    assert not list(tmp_path.glob("rank*.json"))
