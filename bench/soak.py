@@ -119,18 +119,16 @@ def run_attempt(args: argparse.Namespace, index: int, run_dir: Path, kill_at: fl
                 victim.send_signal(signal.SIGKILL)
             else:  # still starting up: kill the whole launch, as losing the node would
                 attempt.killed_rank = -1
-                os.killpg(launcher.pid, signal.SIGKILL)
+                kill_tree(launcher)
             attempt.killed_after_s = time.monotonic() - started
             try:
                 attempt.returncode = launcher.wait(timeout=120)
             except subprocess.TimeoutExpired:  # the launcher must tear the rest down; never leave strays
-                os.killpg(launcher.pid, signal.SIGKILL)
+                kill_tree(launcher)
                 attempt.returncode = launcher.wait()
         finally:
-            if launcher.poll() is None:
-                os.killpg(launcher.pid, signal.SIGKILL)
-                launcher.wait()
-    _reap_group(launcher.pid)
+            kill_tree(launcher)
+            launcher.wait()
     text = log_file.read_text(errors="replace")
     found = STEPS_LINE.search(text)
     attempt.start_step = int(found.group(1)) if found else -1
@@ -145,12 +143,19 @@ def run_attempt(args: argparse.Namespace, index: int, run_dir: Path, kill_at: fl
     return attempt
 
 
-def _reap_group(pgid: int) -> None:
-    """Make sure nothing of a launch survives it (a stray rank would hold the CPU and the port)."""
+def kill_tree(launcher: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process under it; the ranks run in sessions of their own, so a
+    process-group kill would miss them (a stray rank would hold the CPU and the port)."""
     try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        processes = [psutil.Process(launcher.pid)]
+        processes += processes[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def verify(args: argparse.Namespace, run_dir: Path, attempts: list[Attempt]) -> dict:

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-real", action="store_true", help="also trace 1 s on real tensors")
     args = parser.parse_args(argv)
     cfg = load_config(CONFIG).model
-    print(f"# TF-SWA at seed-003; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"TF-SWA at seed-003; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()}\n")
 
     print("| segment | saved for backward | × 1 s | fwd + bwd wall | CPU time / threads | original (saved / time) |")

@@ -64,7 +64,7 @@ class S4Config:
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     lr: float = 1e-3  # learning rate of the SSM parameters (dt, A, B, P); no weight decay
-    kernel_chunk: int = 1024  # dplr: frequencies per recomputed kernel chunk; bounds kernel memory at long L
+    kernel_chunk: int = 64  # dplr: frequencies per recomputed kernel chunk (small chunks stay in cache)
     l_max: int = 16384  # dplr: the input length (samples) the learned C~ = C(I - A^L) is defined at; longer is refused
 
     def validate(self, key: str) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import random
 import re
 import shutil
@@ -149,14 +150,18 @@ def load_checkpoint(accelerator: Accelerator, path: Path, ema: Any | None) -> Tr
         raise CheckpointError(f"{path} was written by {len(state.samples_seen)} processes, this run has "
                               f"{accelerator.num_processes}; resume with the same number of processes "
                               "(the data position is per rank)")
-    parallelize.load_training_state(accelerator, path)
     rank = accelerator.process_index
-    if ema is not None:
-        ema_file = Path(path) / EMA_FILE
-        if not ema_file.is_file():
-            raise CheckpointError(f"{path} holds no EMA weights but optim.ema_decay > 0")
-        ema.load_state_dict(torch.load(ema_file, map_location="cpu", weights_only=True))
-    set_rng_state(torch.load(Path(path) / "rng" / f"rank{rank}.pt", weights_only=True))
+    try:
+        parallelize.load_training_state(accelerator, path)
+        if ema is not None:
+            ema_file = Path(path) / EMA_FILE
+            if not ema_file.is_file():
+                raise CheckpointError(f"{path} holds no EMA weights but optim.ema_decay > 0")
+            ema.load_state_dict(torch.load(ema_file, map_location="cpu", weights_only=True))
+        set_rng_state(torch.load(Path(path) / "rng" / f"rank{rank}.pt", weights_only=True))
+    except pickle.UnpicklingError as err:  # weights_only=True met something that is not plain data
+        raise CheckpointError(f"refused to load {path}: a file in it holds pickled objects that are not "
+                              f"tensors or plain data ({str(err).splitlines()[0]})") from None
     return state
 
 

@@ -109,7 +109,7 @@ def test_debug_config_overfits_tone_and_noise_bursts():
     model, objective = build_model(cfg.model), build_objective(cfg.model, cfg.data)
     optimizer = torch.optim.AdamW(model.param_groups(0.0), lr=3e-3)
     held_out = batch(4)
-    for _ in range(80):
+    for _ in range(50):
         loss, _ = objective.loss(model, batch(4))
         optimizer.zero_grad()
         loss.backward()

@@ -1,0 +1,83 @@
+"""Preemption end to end, on real processes: SIGINT (Ctrl-C) or SIGTERM (Slurm, Kubernetes) lets the
+current step finish, writes a checkpoint at that step and exits 0 with the resume command; nothing is lost.
+
+Also covered in ``tests/train/test_train_cli.py``: SIGTERM in-process (exit 0, message) and a second
+signal killing the process at once without a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import FAULTY_TRAIN, REPO, free_port
+from faulty_train import install
+
+from dist_audio.train.checkpoint import complete_checkpoints
+from launch import train as launch_train
+
+
+def start(run, *extra: str, processes: int = 1) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+           "DIST_AUDIO_STEP_LOG": str(run.step_log)}
+    prefix = [sys.executable]
+    if processes > 1:
+        prefix += ["-m", "accelerate.commands.launch", "--num_processes", str(processes), "--config_file",
+                   str(REPO / "configs/accelerate/ddp.yaml"), "--main_process_port", str(free_port())]
+    return subprocess.Popen([*prefix, str(FAULTY_TRAIN), *run.args(*extra)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_steps(run, child: subprocess.Popen, count: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while len(run.losses()) < count:
+        assert child.poll() is None, child.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+
+
+def test_sigint_finishes_the_step_checkpoints_and_exits_0(make_run, monkeypatch):
+    run = make_run("ctrl-c", "train.max_steps=1000", "train.checkpoint_every=1000")
+    child = start(run)
+    try:
+        wait_for_steps(run, child, 2)
+        child.send_signal(signal.SIGINT)
+        output, _ = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 0, output[-3000:]
+    last = run.losses()[-1][0]  # the step in flight when the signal came was finished and recorded
+    assert [p.name for p in complete_checkpoints(run.run_dir)] == [f"step-{last}"]
+    assert f"stopped by SIGINT after step {last}" in output and "--resume auto" in output
+    assert "Traceback" not in output
+
+    run.step_log.unlink()
+    install(None, run.step_log, setattr=monkeypatch.setattr)
+    assert launch_train.main(run.args("--set", f"train.max_steps={last + 2}", "--resume", "auto")) == 0
+    assert [step for step, _ in run.losses()] == [last + 1, last + 2]  # no step lost or repeated
+
+
+@pytest.mark.slow
+def test_sigterm_to_accelerate_launch_checkpoints_every_rank(make_run):
+    """The launcher forwards SIGTERM to each rank once; both finish the step and write one checkpoint.
+    The launcher itself then exits non-zero with torch's SignalException (not ours to change)."""
+    run = make_run("preempted", "train.max_steps=1000", "train.checkpoint_every=1000")
+    child = start(run, processes=2)
+    try:
+        wait_for_steps(run, child, 2)
+        os.killpg(child.pid, signal.SIGTERM)  # what Slurm does to the job step's processes
+        output, _ = child.communicate(timeout=180)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    last = run.losses()[-1][0]
+    assert [p.name for p in complete_checkpoints(run.run_dir)] == [f"step-{last}"], output[-3000:]
+    assert output.count(f"stopped by SIGTERM after step {last}") == 2  # one line per rank
+    state = json.loads((run.run_dir / "checkpoints" / f"step-{last}" / "trainer_state.json").read_text())
+    assert state["step"] == last and state["samples_seen"] == [2 * last, 2 * last]
