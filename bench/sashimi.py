@@ -82,7 +82,6 @@ def case_train(mode: str, batch: int, length: int, steps: int, config: str) -> d
 
 def case_kernel(mode: str, length: int) -> dict:
     """One S4 layer's kernel (H = 64, N = 64) at ``length``: forward + backward, peak RSS."""
-    import torch
 
     from dist_audio.models.s4 import S4Layer, SSMOptions
 
@@ -115,10 +114,10 @@ def case_generate(batch: int, steps: int) -> dict:
 
 
 CASES = {
-    "train": [("train diag", "case_train", {"mode": "diag", "batch": 4, "length": 16000, "steps": 2,
-                                            "config": "sc09.yaml"}),
-              ("train dplr", "case_train", {"mode": "dplr", "batch": 4, "length": 16000, "steps": 1,
+    "train": [("train diag", "case_train", {"mode": "diag", "batch": 4, "length": 16000, "steps": 1,
                                             "config": "sc09.yaml"})],
+    "train-dplr": [("train dplr", "case_train", {"mode": "dplr", "batch": 4, "length": 16000, "steps": 1,
+                                                 "config": "sc09.yaml"})],
     "long": [("train long", "case_train", {"mode": "diag", "batch": 1, "length": 131072, "steps": 1,
                                            "config": "youtubemix.yaml"})],
     "kernel": [("kernel diag", "case_kernel", {"mode": "diag", "length": 131072}),

@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_audio.config import SashimiConfig  # noqa: E402
-from dist_audio.data.quantize import dequantize, quantize, zero_level  # noqa: E402
-from dist_audio.inference import load_model  # noqa: E402
-from dist_audio.models.heads import make_head  # noqa: E402
-from dist_audio.objectives.autoregressive import deinterleave, generate  # noqa: E402
+from dist_audio.config import SashimiConfig
+from dist_audio.data.quantize import dequantize, quantize, zero_level
+from dist_audio.inference import load_model
+from dist_audio.models.heads import make_head
+from dist_audio.objectives.autoregressive import deinterleave, generate
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -328,7 +328,7 @@ class DPLRKernel(nn.Module):
         f64 = torch.complex128
         lam, p, b, c = (z.to(f64) for z in (self._lam(), _complex(self.P), _complex(self.B), _complex(self.C)))
         dt = torch.exp(self.log_dt.double())
-        lam_f, p_f, b_f = (torch.cat([z, z.conj()]) for z in (lam, p, b))
+        lam_f, p_f = torch.cat([lam, lam.conj()]), torch.cat([p, p.conj()])
         a = torch.diag(lam_f) - torch.outer(p_f, p_f.conj())
         eye = torch.eye(a.shape[0], dtype=f64, device=a.device)
         half = dt[:, None, None] / 2

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -223,16 +221,6 @@ class Plan:
         }
 
 
-_FORKED: tuple | None = None  # (function, planner) inherited by forked workers
-
-
-def _call_forked(call: tuple) -> tuple[Any, int]:
-    """Run in a forked worker: the result and how many steps it traced."""
-    function, planner = _FORKED
-    before = planner.traces
-    return function(*call), planner.traces - before
-
-
 class Planner:
     """Traces a workload on demand (memoised by shape) and predicts rows for one cluster shape."""
 
@@ -243,7 +231,6 @@ class Planner:
         self.budget = gpu_memory * (1.0 - margin)
         self.tracer = Tracer(workload, cuda=cuda)
         self._traces: dict[tuple, StepTrace] = {}
-        self.traced_in_workers = 0  # traces made in forked workers and not kept here
 
     def trace(self, batch_size: int, length: int, precision: str, checkpointing: str) -> StepTrace:
         key = (batch_size, length, precision, checkpointing)
@@ -254,37 +241,15 @@ class Planner:
 
     @property
     def traces(self) -> int:
-        return len(self._traces) + self.traced_in_workers
+        return len(self._traces)
 
     def row(self, strategy: str, batch_size: int, length: int, precision: str, checkpointing: str) -> Row:
         trace = self.trace(batch_size, length, precision, checkpointing)
         return predict(trace, strategy, self.layout, self.world, self.gpus, cuda=self.cuda, budget=self.budget)
 
     def rows(self, batch_size: int, length: int) -> list[Row]:
-        keys = [(batch_size, length, p, ac) for ac in CHECKPOINTING for p in PRECISIONS]
-        self.in_parallel(self.trace, [k for k in keys if k not in self._traces], keep=True)
         return [self.row(s, batch_size, length, p, ac)
                 for s in STRATEGIES for ac in CHECKPOINTING for p in PRECISIONS]
-
-    def in_parallel(self, function, calls: list[tuple], keep: bool = False) -> list:
-        """``function(*call)`` for each call, spread over forked processes (one per core, at most two:
-        tracing is CPU-bound Python). ``keep`` stores the returned traces as if traced here."""
-        global _FORKED
-        workers = min(len(calls), 2, os.cpu_count() or 1)
-        if workers < 2:
-            return [function(*call) for call in calls]
-        for checkpointing in CHECKPOINTING:  # built once here, shared by the workers
-            self.tracer.model(checkpointing)
-        self.tracer.optimizer()
-        _FORKED = (function, self)
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            results_and_counts = pool.map(_call_forked, calls)
-        _FORKED = None
-        results = [result for result, _ in results_and_counts]
-        self.traced_in_workers += sum(count for _, count in results_and_counts) - (len(calls) if keep else 0)
-        if keep:
-            self._traces.update({tuple(call): result for call, result in zip(calls, results)})
-        return results
 
     def largest(self, row: Row, batch_size: int, length: int, axis: str, cap: int) -> tuple[int, float, bool]:
         """Largest micro-batch (``axis="batch"``) or length that fits under ``row``'s choices:
@@ -338,9 +303,8 @@ def make_plan(cfg: RunConfig, *, gpus: int, gpu_memory: int, nodes: int = 1, mar
     recommended = fitting[0] if fitting else None
     searched = recommended or min(rows, key=lambda r: r.total)
     length_cap = min(int(MAX_SEGMENT_SECONDS * rate), workload.max_length or math.inf)
-    (max_batch, batch_error, batch_capped), (max_length, length_error, length_capped) = planner.in_parallel(
-        planner.largest, [(searched, batch, length, "batch", MAX_MICRO_BATCH),
-                          (searched, batch, length, "length", length_cap)])
+    max_batch, batch_error, batch_capped = planner.largest(searched, batch, length, "batch", MAX_MICRO_BATCH)
+    max_length, length_error, length_capped = planner.largest(searched, batch, length, "length", length_cap)
     world = gpus * nodes
     config_file = ("single" if world == 1 and searched.strategy == "ddp" else searched.strategy)
     accelerate_config = f"configs/accelerate/{config_file}.yaml"

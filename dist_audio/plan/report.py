@@ -67,6 +67,7 @@ def plot(plan: Plan, path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     variants = list(dict.fromkeys((r.activation_checkpointing, r.precision) for r in plan.rows))
     strategies = list(dict.fromkeys(r.strategy for r in plan.rows))
@@ -83,8 +84,7 @@ def plot(plan: Plan, path: str | Path) -> None:
             for part in PARTS:
                 height = getattr(row, part) / GIB
                 ax.bar(x, height, width * 0.92, bottom=bottom, color=colors[part],
-                       edgecolor="black" if row is plan.recommended else "none", linewidth=1.5,
-                       label=part if (v, s) == (0, 0) else None)
+                       edgecolor="black" if row is plan.recommended else "none", linewidth=1.5)
                 bottom += height
             ax.text(x, bottom, f"{'ckpt' if ac == 'blocks' else 'full'}\n{precision}", ha="center",
                     va="bottom", fontsize=6.5)
@@ -102,7 +102,8 @@ def plot(plan: Plan, path: str | Path) -> None:
     if plan.recommended:
         title += f" — recommended: {_describe(plan.recommended)} (outlined)"
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper left", fontsize=8, ncol=2)
+    handles = [Patch(color=colors[part], label=part) for part in PARTS] + ax.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper left", fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

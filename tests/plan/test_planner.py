@@ -197,3 +197,13 @@ def test_cli_plans_the_debug_config_as_json(capsys, tmp_path):
     assert code == 0 and data["recommended"]["fits"] and data["max_micro_batch"] >= 4
     assert data["accelerate_config"] == "configs/accelerate/single.yaml"
     assert (tmp_path / "p.png").is_file()
+
+
+def test_nothing_fits_says_so_and_searches_the_smallest_row():
+    plan = make_plan(toy_config(), gpus=1, gpu_memory=parse_memory("0.4GiB"), workload=toy_workload(),
+                     sample_rate=16000)
+    data = plan.as_dict()
+    assert data["recommended"] is None and not any(r["fits"] for r in data["rows"])
+    assert data["max_micro_batch"] == 0  # the CUDA runtime reserve alone exceeds 0.36 GiB
+    assert plan.searched_row.total == min(r.total for r in plan.rows)
+    assert "nothing fits" in format_text(plan)

@@ -78,7 +78,7 @@ def test_corrupt_shards_are_skipped_counted_and_training_goes_on(make_run, damag
 
 
 def test_too_much_corrupt_data_stops_the_run_naming_the_shards(make_run, damaged_shards, capsys):
-    shards, victims = damaged_shards
+    shards, _ = damaged_shards
     for shard in train_shards(shards)[2:]:
         shard.write_bytes(b"\0" * 100)  # now no train shard is readable in full
     run = make_run("too-corrupt", "train.max_steps=50", "data.max_bad_fraction=0.05", "data.bad_window=20",
