@@ -469,6 +469,8 @@ def check_data_compatible(cfg: RunConfig) -> dict[str, Any]:
                           f"({shortest} s) in {cfg.data.shards}; re-shard with a larger --chunk-seconds")
     if not train_split.get("samples"):
         raise ConfigError("data.shards", f"{cfg.data.shards} has no training samples")
+    _check(manifest.get("sample_rate") == cfg.model.sample_rate, "model.sample_rate",
+           f"the shards hold {manifest.get('sample_rate')} Hz audio, the model expects {cfg.model.sample_rate} Hz")
     if isinstance(cfg.model, TFSWAConfig):
         stems = manifest.get("stems") or []
         missing = [s for s in cfg.model.sources if s not in stems]

@@ -94,7 +94,7 @@ def test_save_and_reload_round_trip(tmp_path):
 def _manifest(tmp_path: Path, **fields) -> Path:
     shards = tmp_path / "shards"
     shards.mkdir()
-    manifest = {"layout": "files", "channels": 1, "stems": [], "options": {"chunk_seconds": 2.0},
+    manifest = {"layout": "files", "channels": 1, "sample_rate": 16000, "stems": [], "options": {"chunk_seconds": 2.0},
                 "splits": {"train": {"samples": 4, "min_seconds": 1.0}}}
     manifest.update(fields)
     (shards / "manifest.json").write_text(json.dumps(manifest))
@@ -105,6 +105,11 @@ def test_data_checks_against_manifest(tmp_path):
     shards = _manifest(tmp_path)
     cfg = config_from_dict({**BASE, "data": {**BASE["data"], "shards": str(shards)}})
     check_data_compatible(cfg)
+    cfg.model.sample_rate = 8000
+    with pytest.raises(ConfigError, match="16000 Hz audio") as err:
+        check_data_compatible(cfg)
+    assert err.value.key == "model.sample_rate"
+    cfg.model.sample_rate = 16000
     cfg.data.segment_seconds = 1.5
     with pytest.raises(ConfigError, match="longer than the shortest training chunk") as err:
         check_data_compatible(cfg)
@@ -116,7 +121,7 @@ def test_data_checks_against_manifest(tmp_path):
 
 def test_separation_needs_matching_stems(tmp_path):
     shards = _manifest(tmp_path, layout="musdb", channels=2, stems=["mixture", "drums", "bass"])
-    raw = {"model": {"name": "tfswa", "sources": ["drums", "vocals"]},
+    raw = {"model": {"name": "tfswa", "sources": ["drums", "vocals"], "sample_rate": 16000},
            "data": {"shards": str(shards), "task": "separation", "sources": ["drums", "vocals"]}}
     with pytest.raises(ConfigError, match="not among the shards' stems") as err:
         check_data_compatible(config_from_dict(raw))
