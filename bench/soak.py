@@ -117,7 +117,7 @@ def run_attempt(args: argparse.Namespace, index: int, run_dir: Path, kill_at: fl
                 victim = random.choice(workers)
                 attempt.killed_rank = rank_of(victim)
                 victim.send_signal(signal.SIGKILL)
-            else:  # still starting up: kill the whole launch, as losing the node would
+            else:  # no rank running (starting up or shutting down): kill the whole launch
                 attempt.killed_rank = -1
                 kill_tree(launcher)
             attempt.killed_after_s = time.monotonic() - started
@@ -239,7 +239,7 @@ def report(args: argparse.Namespace, attempts: list[Attempt], figures: dict, wal
         following = next((a for a in started if a.index > attempt.index), None)
         ran_to = max(attempt.steps, default=max(attempt.start_step, 0))
         resumed = following.start_step if following else ran_to
-        victim = "launch (still starting)" if attempt.killed_rank == -1 else f"rank {attempt.killed_rank}"
+        victim = "launcher (no rank running)" if attempt.killed_rank == -1 else f"rank {attempt.killed_rank}"
         rows.append(f"| {attempt.index} | {attempt.killed_after_s:.0f} | {victim} | {ran_to} | {resumed} | "
                     f"{ran_to - resumed} |")
     writes = [s for a in attempts for s in a.checkpoint_seconds]
@@ -255,8 +255,10 @@ def report(args: argparse.Namespace, attempts: list[Attempt], figures: dict, wal
         f"{args.shards}, DDP (gloo) with {args.processes} processes, checkpoint every "
         f"{args.checkpoint_every} steps.",
         "",
-        f"- wall time {wall / 60:.1f} min, of which {args.minutes:g} min with kills; {len(attempts)} launches",
-        f"- kills survived: **{len(rows)}**; steps lost per kill (run again after the resume): "
+        f"- wall time {wall / 60:.1f} min, kills sent during the first {min(args.minutes, wall / 60):.1f} min; "
+        f"{len(attempts)} launches",
+        f"- kills survived: **{len(rows)}** ({sum(a.killed_rank is not None and a.killed_rank >= 0 for a in attempts)}"
+        " of a running rank); steps lost per kill (run again after the resume): "
         f"{', '.join(map(str, lost)) or '-'} (mean {sum(lost) / max(len(lost), 1):.1f}; at most "
         f"{args.checkpoint_every}, the steps since the newest complete checkpoint)",
         f"- checkpoint write time: median {_median(writes):.2f} s, max {max(writes, default=0):.2f} s "
@@ -267,12 +269,21 @@ def report(args: argparse.Namespace, attempts: list[Attempt], figures: dict, wal
         f"- steps run twice because of a kill and compared: {figures['reruns_compared']}, all with the "
         "identical loss; the kept steps tile 1..target exactly once: **no step lost, none applied twice**",
         "",
+        CHECKS,
+        "",
         "| launch | killed after s | victim | last step run | resumed from | steps lost |",
         "|---|---|---|---|---|---|",
         *rows,
         "",
     ]
     return "\n".join(lines)
+
+
+CHECKS = ("How it is checked: rank 0 records every step's loss (`tests/reliability/faulty_train.py`); each "
+          "launch's first step must follow the checkpoint it resumed from, the steps each launch kept (up to "
+          "the checkpoint the next one resumed from) must tile 1..target exactly once, a step run again after "
+          "a kill must repeat its loss exactly, and the final checkpoint's AdamW step counter and per-rank "
+          "`samples_seen` must equal the target (counted by the optimizer and the trainer, not by the soak).")
 
 
 def _median(values: list[float]) -> float:

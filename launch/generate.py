@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="directory for sample_XX.wav")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU intra-op threads; one step's tensors are too small to gain from more")
     return parser.parse_args(argv)
 
 
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num < 1 or args.seconds <= 0:
         print("error: --num must be >= 1 and --seconds > 0", file=sys.stderr)
         return 2
+    torch.set_num_threads(args.threads)
     model, cfg = load_model(args.checkpoint, args.device)
     if not isinstance(cfg.model, SashimiConfig):
         print(f"error: {args.checkpoint} holds a {cfg.model.name} model, not sashimi", file=sys.stderr)

@@ -306,7 +306,6 @@ class DPLRKernel(nn.Module):
                              "(raise model.s4.l_max to the training length in samples)")
         lam, p, b, c = self._lam(), _complex(self.P), _complex(self.B), _complex(self.C)
         dt = torch.exp(self.log_dt)
-        heads = c.shape[0]
         numerators = torch.stack([c * b, c * p, (p.conj() * b).expand_as(c), (p.conj() * p).expand_as(c)], 1)
         freqs = self.l_max // 2 + 1
         k = torch.arange(freqs, device=dt.device, dtype=dt.dtype)
@@ -319,7 +318,6 @@ class DPLRKernel(nn.Module):
             else:
                 parts.append(_dplr_generating_function(*args))
         spectrum = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-        assert spectrum.shape == (heads, freqs)
         return torch.fft.irfft(spectrum, n=self.l_max, dim=-1)[:, :length]
 
     @torch.no_grad()

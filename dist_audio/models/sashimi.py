@@ -194,7 +194,7 @@ class SaShiMi(nn.Module):
         for level in reversed(range(len(self.pool))):
             h = self.up_pools[level](h) + skips[level]
             h = h + _run(self.up_blocks[level], h)
-        return self.output(self.norm(h))[:, :length]
+        return self.output(self.norm(h[:, :length]))
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: matrices decay; biases, norms and D do not; Δ, A, B, P get ``ssm_lr`` and no decay."""

@@ -53,7 +53,7 @@ def format_text(plan: Plan) -> str:
         "",
     ]
     lines += [f"note: {n}" for n in plan.notes]
-    lines.append(f"planned in {plan.seconds:.1f} s ({plan.traces} traced steps)")
+    lines.append(f"planned in {plan.seconds:.1f} s (table {plan.table_seconds:.1f} s; {plan.traces} traced steps)")
     return "\n".join(lines)
 
 

@@ -50,6 +50,7 @@ def predicted_peak(case: dict, world: int) -> float:
 
 def measured_peaks(cases: list[dict], world: int, tmp_path: Path) -> list[list[dict]]:
     """Per rank, per case: {tracker_peak, rss_delta} from real steps in fresh processes."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     cases_file = tmp_path / "cases.json"
     cases_file.write_text(json.dumps([{**c, "config": str(REPO / c["config"])} for c in cases]))
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -34,10 +35,9 @@ class Run:
     def args(self, *extra: str) -> list[str]:
         return ["--config", str(self.config), *[a for item in self.overrides for a in ("--set", item)], *extra]
 
-    def launch(self, *extra: str, fault: str | None = None, processes: int = 1,
-               timeout: float = 300) -> subprocess.CompletedProcess:
-        """Run to the end (or to the injected fault) as a real process; ``processes > 1`` under
-        ``accelerate launch`` with the DDP config (gloo on CPU)."""
+    def start(self, *extra: str, fault: str | None = None, processes: int = 1) -> subprocess.Popen:
+        """Start training as a real process (its own session; output on ``stdout``); ``processes > 1``
+        under ``accelerate launch`` with the DDP config (gloo on CPU)."""
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
                "DIST_AUDIO_STEP_LOG": str(self.step_log)}
         env.pop("DIST_AUDIO_FAULT", None)
@@ -47,14 +47,27 @@ class Run:
         if processes > 1:
             prefix += ["-m", "accelerate.commands.launch", "--num_processes", str(processes), "--config_file",
                        str(REPO / "configs/accelerate/ddp.yaml"), "--main_process_port", str(free_port())]
-        return subprocess.run([*prefix, str(FAULTY_TRAIN), *self.args(*extra)], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.Popen([*prefix, str(FAULTY_TRAIN), *self.args(*extra)], cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def launch(self, *extra: str, fault: str | None = None, processes: int = 1,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+        """Run to the end (or to the injected fault); ``stdout`` holds stdout and stderr together."""
+        child = self.start(*extra, fault=fault, processes=processes)
+        try:
+            output, _ = child.communicate(timeout=timeout)
+        finally:
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+        return subprocess.CompletedProcess(child.args, child.returncode, output)
 
     def losses(self) -> list[tuple[int, float]]:
         """Every ``(step, loss)`` rank 0 recorded, across all launches, in order."""
         if not self.step_log.exists():
             return []
-        return [(r["step"], r["loss"]) for r in map(json.loads, self.step_log.read_text().splitlines())]
+        lines = self.step_log.read_text().split("\n")[:-1]  # a last line without "\n" is still being written
+        return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
 
 
 def free_port() -> int:

@@ -7,12 +7,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, SASHIMI_DEBUG
 
 from launch import train as launch_train
+
+REPO = Path(__file__).resolve().parents[2]
+SASHIMI_DEBUG = REPO / "configs/sashimi/debug.yaml"
 
 BAD_OVERRIDES = [
     ("model.d_modle=16", "model.d_modle", "unknown key"),  # typo inside a section

@@ -38,7 +38,7 @@ def test_kill_9_then_resume_auto_repeats_the_same_losses(make_run, monkeypatch, 
                                                          partial_after_kill, resume_step):
     run = make_run("killed", *SETTINGS)
     killed = run.launch(fault=fault)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:]
     before = dict(run.losses())
     last_run = int(fault.split(":")[1])
     assert sorted(before) == list(range(1, last_run + 1))  # the steps before the kill ran uninterrupted
@@ -70,8 +70,8 @@ def test_kill_9_of_one_ddp_rank_while_checkpointing(make_run):
 
     run.step_log.unlink()
     resumed = run.launch("--resume", "auto", processes=2)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr and "step-3" in resumed.stderr
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "resumed from" in resumed.stdout and "step-3" in resumed.stdout
     after = dict(run.losses())
     assert sorted(after) == [4, 5, 6]
     for step in (4, 5, 6):

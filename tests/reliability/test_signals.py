@@ -11,26 +11,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import FAULTY_TRAIN, REPO, free_port
 from faulty_train import install
 
 from dist_audio.train.checkpoint import complete_checkpoints
 from launch import train as launch_train
-
-
-def start(run, *extra: str, processes: int = 1) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-           "DIST_AUDIO_STEP_LOG": str(run.step_log)}
-    prefix = [sys.executable]
-    if processes > 1:
-        prefix += ["-m", "accelerate.commands.launch", "--num_processes", str(processes), "--config_file",
-                   str(REPO / "configs/accelerate/ddp.yaml"), "--main_process_port", str(free_port())]
-    return subprocess.Popen([*prefix, str(FAULTY_TRAIN), *run.args(*extra)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def wait_for_steps(run, child: subprocess.Popen, count: int, timeout: float = 240) -> None:
@@ -43,7 +30,7 @@ def wait_for_steps(run, child: subprocess.Popen, count: int, timeout: float = 24
 
 def test_sigint_finishes_the_step_checkpoints_and_exits_0(make_run, monkeypatch):
     run = make_run("ctrl-c", "train.max_steps=1000", "train.checkpoint_every=1000")
-    child = start(run)
+    child = run.start()
     try:
         wait_for_steps(run, child, 2)
         child.send_signal(signal.SIGINT)
@@ -68,7 +55,7 @@ def test_sigterm_to_accelerate_launch_checkpoints_every_rank(make_run):
     """The launcher forwards SIGTERM to each rank once; both finish the step and write one checkpoint.
     The launcher itself then exits non-zero with torch's SignalException (not ours to change)."""
     run = make_run("preempted", "train.max_steps=1000", "train.checkpoint_every=1000")
-    child = start(run, processes=2)
+    child = run.start(processes=2)
     try:
         wait_for_steps(run, child, 2)
         os.killpg(child.pid, signal.SIGTERM)  # what Slurm does to the job step's processes

@@ -5,11 +5,11 @@ no step was lost or applied twice. The 30-minute run is recorded in bench/result
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import REPO
 
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import soak
 
