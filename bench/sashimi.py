@@ -30,7 +30,6 @@ REFERENCE = {  # public reference, same machine (issue 3)
     "train dplr": "774 samples/s, 15.6 GB",
     "train long": "out of memory on 24 GB",
     "generate 16": "2 098 samples/s",
-    "generate 16 compiled": "2 098 samples/s",
 }
 
 
@@ -95,7 +94,7 @@ def case_kernel(mode: str, length: int) -> dict:
             "naive_tensor_gb": 64 * 32 * length * 8 / 2**30}
 
 
-def case_generate(batch: int, steps: int, compiled: bool = False) -> dict:
+def case_generate(batch: int, steps: int) -> dict:
     import torch
 
     from dist_audio.config import load_config
@@ -107,15 +106,12 @@ def case_generate(batch: int, steps: int, compiled: bool = False) -> dict:
     cfg = load_config(ROOT / "configs/sashimi/sc09.yaml", ["model.glu=true"])
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
-    model.compiled_step = compiled
     head = make_head(cfg.model.bits, cfg.model.head)
-    warm_up = time.perf_counter()
-    generate(model, head, num=batch, steps=64, first_token=128)  # warm-up (and compiling)
+    generate(model, head, num=batch, steps=64, first_token=128)  # warm-up
     start = time.perf_counter()
     generate(model, head, num=batch, steps=steps, first_token=128)
     elapsed = time.perf_counter() - start
-    return {"samples_per_s": batch * steps / elapsed, "ms_per_step": elapsed / steps * 1e3,
-            "warm_up_s": start - warm_up}
+    return {"samples_per_s": batch * steps / elapsed, "ms_per_step": elapsed / steps * 1e3}
 
 
 CASES = {
@@ -129,7 +125,6 @@ CASES = {
                ("kernel dplr", "case_kernel", {"mode": "dplr", "length": 131072})],
     "generate": [("generate 1", "case_generate", {"batch": 1, "steps": 1000}),
                  ("generate 16", "case_generate", {"batch": 16, "steps": 1000}),
-                 ("generate 16 compiled", "case_generate", {"batch": 16, "steps": 1000, "compiled": True}),
                  ("generate 256", "case_generate", {"batch": 256, "steps": 250})],
 }
 
@@ -140,8 +135,7 @@ def _describe(name: str, r: dict) -> str:
     if name.startswith("kernel"):
         return (f"fwd+bwd {r['seconds']:.2f} s, peak RSS {r['peak_rss_gb']:.2f} GiB (process before: "
                 f"{r['before_gb']:.2f}; one H×N×L complex64 tensor would be {r['naive_tensor_gb']:.2f} GiB)")
-    return (f"{r['samples_per_s']:.0f} samples/s ({r['ms_per_step']:.2f} ms/step; "
-            f"warm-up {r['warm_up_s']:.1f} s)")
+    return f"{r['samples_per_s']:.0f} samples/s ({r['ms_per_step']:.2f} ms/step)"
 
 
 def main() -> int:

@@ -40,8 +40,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU intra-op threads; one step's tensors are too small to gain from more")
-    parser.add_argument("--compile", action="store_true",
-                        help="run the S4D state updates through torch.compile (seconds of compiling, faster steps)")
     return parser.parse_args(argv)
 
 
@@ -67,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(cfg.model, SashimiConfig):
         print(f"error: {args.checkpoint} holds a {cfg.model.name} model, not sashimi", file=sys.stderr)
         return 2
-    model.compiled_step = args.compile
     bits, kind = cfg.model.bits, cfg.data.quantization
     channels = 2 if cfg.data.interleave_stereo else 1
     rate = cfg.model.sample_rate

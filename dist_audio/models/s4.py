@@ -20,7 +20,6 @@ Axes: b batch, l length, h channels, n complex modes, c chunk.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -47,46 +46,24 @@ class SSMOptions:
     kernel_chunk: int = 64  # dplr: frequencies per recomputed chunk (small chunks stay in cache)
 
 
-def _diag_layer_step(u: Tensor, x: Tensor, coefficients: tuple[Tensor, ...], skip: Tensor, weight: Tensor,
-                     bias: Tensor, glu: bool) -> tuple[Tensor, Tensor]:
-    """``S4Layer.step`` of an S4D layer in real arithmetic only, for ``torch.compile`` (inductor
-    generates no code for complex tensors): x [b, h, 2, m] (real parts, then imaginary parts; contiguous
-    rows vectorise) → (y [b, h], new x)."""
-    decay_re, decay_im, input_re, input_im, readout = coefficients
-    re, im, u_ = x[:, :, 0], x[:, :, 1], u[..., None]
-    x = torch.stack([decay_re * re - decay_im * im + input_re * u_, decay_re * im + decay_im * re + input_im * u_], -2)
-    y = F.linear(F.gelu((x.flatten(-2) * readout).sum(-1) + u * skip), weight, bias)
-    return (F.glu(y, dim=-1) if glu else y), x
-
-
-@functools.cache
-def _compiled_diag_layer_step():
-    """``_diag_layer_step`` compiled by inductor once per process (once per shape: seconds each)."""
-    return torch.compile(_diag_layer_step, dynamic=False)
-
-
 @dataclass
 class DiagRecurrence:
     """Diagonal discrete system, [H, m] complex each: x ← dA·x + dB·u, y = Re(Σ dC·x).
 
-    The state is x as real numbers. Eager steps keep it as [b, h, m, 2] (``view_as_real`` layout),
-    update it in place through a complex view and read out with a real dot product. With ``compiled``
-    it is [b, h, 2, m] and ``S4Layer.step`` runs the whole layer step through ``torch.compile``.
+    The state is x as real pairs, [b, h, m, 2] (``view_as_real`` layout): a step updates it in place
+    through a complex view (no new tensors) and reads out with a real dot product, which is cheaper
+    than the complex ``vecdot`` and its conjugation.
     """
 
     dA: Tensor
     dB: Tensor
     dC: Tensor
-    compiled: bool = False
 
     def __post_init__(self):
         self.readout = torch.stack([self.dC.real, -self.dC.imag], -1).flatten(-2)  # Re(dC·x) as a real dot
-        self.coefficients = (self.dA.real.contiguous(), self.dA.imag.contiguous(), self.dB.real.contiguous(),
-                             self.dB.imag.contiguous(), torch.cat([self.dC.real, -self.dC.imag], -1))
 
     def zeros(self, batch_size: int) -> Tensor:
-        h, m = self.dA.shape
-        return self.readout.new_zeros((batch_size, h, 2, m) if self.compiled else (batch_size, h, m, 2))
+        return self.readout.new_zeros(batch_size, *self.dA.shape, 2)
 
     def step(self, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
         """x [b, h, m, 2] real (updated in place), u [b, h] → (x, y [b, h])."""
@@ -415,20 +392,13 @@ class S4Layer(nn.Module):
             return _LinearGLU.apply(activated, self.output_weight, self.output_bias)
         return F.linear(activated, self.output_weight, self.output_bias)
 
-    def default_state(self, batch_size: int, compiled: bool = False) -> tuple[Tensor, Recurrence]:
-        """Zero state and the discretised system; ``compiled`` compiles the S4D step (dplr stays eager)."""
+    def default_state(self, batch_size: int) -> tuple[Tensor, Recurrence]:
         rec = self.kernel.recurrence()
-        if isinstance(rec, DiagRecurrence):
-            rec.compiled = compiled  # before zeros(): it picks the state layout
         return rec.zeros(batch_size), rec
 
     def step(self, u: Tensor, state: tuple[Tensor, Recurrence]) -> tuple[Tensor, tuple[Tensor, Recurrence]]:
         """One time step: u [b, h] → y [b, h]."""
         x, rec = state
-        if isinstance(rec, DiagRecurrence) and rec.compiled:
-            y, x = _compiled_diag_layer_step()(u, x, rec.coefficients, self.D, self.output_weight,
-                                               self.output_bias, self.glu)
-            return y, (x, rec)
         x, y = rec.step(x, u)
         y = F.linear(F.gelu(torch.addcmul(y, u, self.D)), self.output_weight, self.output_bias)
         return F.glu(y, dim=-1) if self.glu else y, (x, rec)

@@ -69,7 +69,7 @@ class FeedForward(nn.Module):
             return F.linear(self.dropout(F.gelu(F.linear(x, self.w1, self.b1))), self.w2, self.b2)
         return _FeedForwardFn.apply(x, self.w1, self.b1, self.w2, self.b2)
 
-    def default_state(self, batch_size: int, compiled: bool = False) -> None:
+    def default_state(self, batch_size: int) -> None:
         return None
 
     def step(self, x: Tensor, state: None) -> tuple[Tensor, None]:
@@ -88,8 +88,8 @@ class ResidualBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x + self.dropout(self.layer(self.norm(x)))
 
-    def default_state(self, batch_size: int, compiled: bool = False):
-        return self.layer.default_state(batch_size, compiled)
+    def default_state(self, batch_size: int):
+        return self.layer.default_state(batch_size)
 
     def step(self, x: Tensor, state):
         norm = self.norm  # functional call: the module call machinery costs as much as the op here
@@ -179,7 +179,6 @@ class SaShiMi(nn.Module):
         self.up_blocks = nn.ModuleList(stage_blocks(self.widths[i], l_maxes[i]) for i in range(len(self.pool)))
         self.norm = nn.LayerNorm(d_model)
         self.output = nn.Linear(d_model, out_features)
-        self.compiled_step = False  # generation: run the S4D steps through torch.compile (see default_state)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: Long[b, l] tokens → [b, l, out]; l is padded internally to a multiple of prod(pool)."""
@@ -214,17 +213,13 @@ class SaShiMi(nn.Module):
 
     @torch.inference_mode()
     def default_state(self, batch_size: int) -> SashimiState:
-        """Zero state for ``batch_size`` sequences; it snapshots the discretised SSMs of the current weights.
-
-        With ``self.compiled_step`` set, the S4D state updates run through ``torch.compile`` (inductor
-        compiles once per channel width, seconds each; about twice as fast as eager for these ops).
-        """
+        """Zero state for ``batch_size`` sequences; it snapshots the discretised SSMs of the current weights."""
         ref = self.output.weight
         groups = {f"down{i}": b for i, b in enumerate(self.down_blocks)}
         groups |= {"center": self.center} | {f"up{i}": b for i, b in enumerate(self.up_blocks)}
         return SashimiState(
             t=0,
-            blocks={k: [blk.default_state(batch_size, self.compiled_step) for blk in v] for k, v in groups.items()},
+            blocks={k: [blk.default_state(batch_size) for blk in v] for k, v in groups.items()},
             down_buffer=[ref.new_zeros(batch_size, p, self.widths[i]) for i, p in enumerate(self.pool)],
             up_pending=[ref.new_zeros(batch_size, p, self.widths[i]) for i, p in enumerate(self.pool)],
         )

@@ -72,19 +72,6 @@ def test_recurrent_steps_equal_the_convolution(mode, init, dtype, tolerance):
     assert _relative_step_error(model, x) < tolerance
 
 
-def test_compiled_steps_equal_the_eager_steps():
-    """``compiled_step`` (torch.compile of the S4D state update) changes the speed, not the outputs."""
-    torch.manual_seed(0)
-    model = _small("diag", "diag-lin").eval()
-    x = torch.randint(0, 256, (3, 48))  # three coarse steps of the deepest stage
-    outputs = []
-    for compiled in (False, True):
-        model.compiled_step = compiled
-        state = model.default_state(x.shape[0])
-        outputs.append(torch.stack([model.step(x[:, t], state)[0] for t in range(x.shape[1])], 1))
-    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
-
-
 def test_recurrent_steps_equal_the_convolution_with_unet_blocks():
     torch.manual_seed(0)
     model = _small("diag", "diag-inv", unet=True).double().eval()
