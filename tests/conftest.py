@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from accelerate.state import AcceleratorState, GradientState
 
 from data_prep.demo import make_demo_corpus
 from data_prep.shard import shard_dataset
@@ -32,3 +33,11 @@ def musdb_shards(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) ->
     shard_dataset(demo_corpus / "musdb", out, layout="musdb", sample_rate=16000, channels=2, chunk_seconds=4.0,
                   min_seconds=1.0, max_per_shard=3, progress=False)
     return out
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Tests that train in-process build their own Accelerator: drop Accelerate's process-wide singletons."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

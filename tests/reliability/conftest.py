@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 
 REPO = Path(__file__).resolve().parents[2]
 FAULTY_TRAIN = Path(__file__).with_name("faulty_train.py")
@@ -74,14 +73,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Tests that train in-process build their own Accelerator: drop Accelerate's singletons after each."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 
 from dist_audio.config import RunConfig, load_config
 
@@ -14,14 +13,6 @@ DEBUG_CONFIGS = {"sashimi": REPO / "configs/sashimi/debug.yaml", "tfswa": REPO /
 # small and quick: a few steps of tiny batches, no preview longer than a few milliseconds
 QUICK = ["data.batch_size=2", "data.num_workers=0", "train.val_batches=1", "train.val_every=1000",
          "train.checkpoint_every=1000", "log.every=1", "log.audio_seconds=0.01", "log.progress_bar=false"]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each test builds its own Accelerator(s); drop Accelerate's process-wide singletons between tests."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 @pytest.fixture
