@@ -22,6 +22,7 @@ Axis letters: ``b`` batch, ``t`` frames, ``f`` frequency bins, ``d`` channels, `
 
 from __future__ import annotations
 
+import abc
 import itertools
 
 import torch
@@ -48,7 +49,7 @@ def axis_segments(size: int, window: int, shifted: bool) -> list[tuple[int, int,
     return runs
 
 
-class AxisAttention(nn.Module):
+class AxisAttention(nn.Module, abc.ABC):
     """Multi-head self-attention inside blocks of a channels-last map ``[b, t, f, d]``.
 
     Subclasses choose the blocks (``segments``); the projections are shared code.
@@ -62,9 +63,9 @@ class AxisAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
+    @abc.abstractmethod
     def segments(self, t: int, f: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
         """Runs of blocks along time and along frequency (see ``axis_segments``)."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[b, t, f, d]`` → ``[b, t, f, d]``."""
