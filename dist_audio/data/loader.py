@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_audio.config import ConfigError, DataConfig, read_manifest
 from dist_audio.data.quantize import quantize, zero_level
-from dist_audio.data.shards import BadSample, SampleRef, iter_shard, read_crop
+from dist_audio.data.shards import BadSample, SampleRef, ShardReader, iter_shard
 
 __all__ = ["AudioLoader", "CorruptDataError", "make_loader", "valid_crop_starts"]
 
@@ -209,10 +209,17 @@ def _stream_batches(plan: _Plan, stream: int) -> Iterator[dict[str, Any]]:
     """The batches ``b ≡ stream (mod S)``, ``b >= start_batch``, of this rank's epoch."""
     cfg = plan.cfg
     counter = _BadCounter(cfg.max_bad_fraction, cfg.bad_window)
-    maker = _ExampleMaker(plan)
-    if plan.split == "valid":
-        yield from _valid_batches(plan, stream, counter, maker)
-        return
+    with ShardReader() as reader:
+        maker = _ExampleMaker(plan, reader)
+        if plan.split == "valid":
+            yield from _valid_batches(plan, stream, counter, maker)
+        else:
+            yield from _train_batches(plan, stream, counter, maker)
+
+
+def _train_batches(plan: _Plan, stream: int, counter: _BadCounter, maker: _ExampleMaker) -> Iterator[dict[str, Any]]:
+    """Train batches of one stream; those before ``start_batch`` are planned but not decoded."""
+    cfg = plan.cfg
     rng = np.random.default_rng([plan.seed, plan.epoch, plan.rank, stream])
     source = _TrainSource(plan, plan.stream_shards[stream], rng, counter, maker)
     skip = plan.first_batches_to_skip(stream)
@@ -304,13 +311,13 @@ _SKIPPED = object()  # stands for an example that was planned but not decoded (b
 class _ExampleMaker:
     """Decodes crops into task examples and stacks examples into batches."""
 
-    def __init__(self, plan: _Plan):
-        self.plan, self.cfg = plan, plan.cfg
+    def __init__(self, plan: _Plan, reader: ShardReader):
+        self.plan, self.cfg, self.reader = plan, plan.cfg, reader
         self.zero = zero_level(self.cfg.bits, self.cfg.quantization)
 
     def tokens(self, ref: SampleRef, start: int, decode: bool) -> Any:
         """The crop as one float sequence (mono, or L R L R … interleaved); ``collate`` quantizes the batch."""
-        audio = read_crop(ref, self.plan.signal, start, self.plan.segment, probe_only=not decode)
+        audio = self.reader.read_crop(ref, self.plan.signal, start, self.plan.segment, probe_only=not decode)
         if not decode:
             return _SKIPPED
         if self.cfg.interleave_stereo:
@@ -321,7 +328,7 @@ class _ExampleMaker:
 
     def stems(self, ref: SampleRef, start: int, decode: bool) -> Any:
         """Mixture and stems of one chunk at one offset, as stored (no augmentation)."""
-        signals = [read_crop(ref, s, start, self.plan.segment, probe_only=not decode)
+        signals = [self.reader.read_crop(ref, s, start, self.plan.segment, probe_only=not decode)
                    for s in ("mixture", *self.cfg.sources)]
         if not decode:
             return _SKIPPED
@@ -363,10 +370,15 @@ class _TrainSource:
         self.refs = _shuffle_buffer(self._passes(shards), self.cfg.shuffle_buffer, rng)
 
     def _passes(self, shards: tuple[_Shard, ...]) -> Iterator[SampleRef]:
+        # Each shard's tar headers are walked once per stream; later passes replay the parsed index (bad
+        # samples included, so they are counted again on every pass exactly as a fresh walk would count them).
+        index_of: dict[int, list[SampleRef | BadSample]] = {}
         while True:
             found = 0
             for index in self.rng.permutation(len(shards)):
-                for item in iter_shard(shards[index].path, shards[index].samples):
+                if index not in index_of:
+                    index_of[index] = list(iter_shard(shards[index].path, shards[index].samples))
+                for item in index_of[index]:
                     if isinstance(item, BadSample):
                         self.counter.record(item)
                         continue
@@ -401,7 +413,7 @@ class _TrainSource:
                 start = self._random_start(ref)
                 gain, swap, flip = self.rng.uniform(low, high), self.rng.random() < 0.5, self.rng.random() < 0.5
                 try:
-                    audio = read_crop(ref, stem, start, self.plan.segment, probe_only=not decode)
+                    audio = self.maker.reader.read_crop(ref, stem, start, self.plan.segment, probe_only=not decode)
                 except ValueError as err:
                     self.counter.record(BadSample(ref.shard, str(err)))
                     continue

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-__all__ = ["AUDIO_EXTENSIONS", "BadSample", "SampleRef", "iter_shard", "read_crop"]
+__all__ = ["AUDIO_EXTENSIONS", "BadSample", "SampleRef", "ShardReader", "iter_shard", "read_crop"]
 
 AUDIO_EXTENSIONS = ("flac", "wav")
 _MAX_JSON_BYTES = 1 << 20
@@ -142,32 +142,88 @@ class _MemberView(io.RawIOBase):
         return True
 
     def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = min(max(base + pos, 0), self._size)
+        if whence == io.SEEK_CUR:
+            pos += self._pos
+        elif whence == io.SEEK_END:
+            pos += self._size
+        elif whence != io.SEEK_SET:
+            raise ValueError(f"invalid whence {whence}")
+        self._pos = min(max(pos, 0), self._size)
         return self._pos
 
     def tell(self) -> int:
         return self._pos
 
     def read(self, n: int = -1) -> bytes:
-        return bytes(self._take(self._size - self._pos if n is None or n < 0 else n))
+        buffer = bytearray(self._size - self._pos if n is None or n < 0 else min(n, self._size - self._pos))
+        return bytes(buffer[: self.readinto(buffer)])
 
-    def readinto(self, buffer: Any) -> int:  # what libsndfile's callbacks use: one copy, straight from the block
-        data = self._take(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def _take(self, n: int) -> memoryview:
-        n = max(0, min(n, self._size - self._pos))
-        begin = self._pos - self._block_start
+    def readinto(self, buffer: Any) -> int:
+        """What libsndfile's callbacks use, some 25 times per crop: one copy straight from the block, little else."""
+        pos = self._pos
+        n = min(len(buffer), self._size - pos)
+        if n <= 0:
+            return 0
+        begin = pos - self._block_start
         if begin < 0 or begin + n > len(self._block):
-            self._f.seek(self._offset + self._pos)
-            self._block_start = self._pos
-            self._block = memoryview(self._f.read(min(max(n, self._READ_AHEAD), self._size - self._pos)))
-            begin = 0
-        data = self._block[begin : begin + n]
-        self._pos += len(data)
-        return data
+            self._f.seek(self._offset + pos)
+            self._block_start, begin = pos, 0
+            self._block = memoryview(self._f.read(min(max(n, self._READ_AHEAD), self._size - pos)))
+            n = min(n, len(self._block))  # a shard cut short under us yields fewer bytes
+        buffer[:n] = self._block[begin : begin + n]
+        self._pos = pos + n
+        return n
+
+
+class ShardReader:
+    """Decodes crops, keeping the last shard file open: consecutive crops from one shard skip the open/close.
+
+    Use as a context manager or call ``close()``; one reader per stream (it is not shared across processes).
+    """
+
+    def __init__(self) -> None:
+        self._path: str | None = None
+        self._file: io.BufferedReader | None = None
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._path, self._file = None, None
+
+    def _open(self, path: str) -> io.BufferedReader:
+        if self._file is None or self._path != path:
+            self.close()
+            self._file, self._path = open(path, "rb"), path
+        return self._file
+
+    def read_crop(self, ref: SampleRef, signal: str, start: int, frames: int, *,
+                  probe_only: bool = False) -> np.ndarray:
+        """See ``read_crop``."""
+        if signal not in ref.members:
+            raise ValueError(f"sample {ref.key} has no {signal!r} member")
+        offset, size = ref.members[signal]
+        available = max(0, min(frames, ref.frames - start))
+        try:
+            with sf.SoundFile(_MemberView(self._open(ref.shard), offset, size)) as sound:
+                if probe_only:
+                    return np.zeros((sound.channels, 0), np.float32)
+                if sound.frames < ref.frames:
+                    raise ValueError(f"{signal} member holds {sound.frames} frames, metadata says {ref.frames}")
+                sound.seek(start)
+                crop = np.zeros((frames, sound.channels), np.float32)  # decoded in place; the rest stays zero
+                decoded = len(sound.read(out=crop[:available])) if available else 0
+        except (sf.LibsndfileError, RuntimeError, OSError) as err:
+            self.close()  # the next crop reopens the file rather than trust its state
+            raise ValueError(f"cannot decode {signal} of {ref.key}: {err}") from None
+        if decoded < available:
+            raise ValueError(f"{signal} of {ref.key}: decoded {decoded} of {available} frames")
+        return crop.T  # [channels, frames] view of frame-major memory: .T.reshape(-1) interleaves L R L R
 
 
 def read_crop(ref: SampleRef, signal: str, start: int, frames: int, *, probe_only: bool = False) -> np.ndarray:
@@ -176,21 +232,5 @@ def read_crop(ref: SampleRef, signal: str, start: int, frames: int, *, probe_onl
     Returns float32 ``[channels, frames]``. Raises ``ValueError`` if the member is missing or corrupt.
     With ``probe_only`` the member's header is checked but no audio is decoded (for fast skipping).
     """
-    if signal not in ref.members:
-        raise ValueError(f"sample {ref.key} has no {signal!r} member")
-    offset, size = ref.members[signal]
-    available = max(0, min(frames, ref.frames - start))
-    try:
-        with open(ref.shard, "rb") as f, sf.SoundFile(_MemberView(f, offset, size)) as sound:
-            if probe_only:
-                return np.zeros((sound.channels, 0), np.float32)
-            if sound.frames < ref.frames:
-                raise ValueError(f"{signal} member holds {sound.frames} frames, metadata says {ref.frames}")
-            sound.seek(start)
-            crop = np.zeros((frames, sound.channels), np.float32)  # decoded in place; the rest stays zero
-            decoded = len(sound.read(out=crop[:available])) if available else 0
-    except (sf.LibsndfileError, RuntimeError, OSError) as err:
-        raise ValueError(f"cannot decode {signal} of {ref.key}: {err}") from None
-    if decoded < available:
-        raise ValueError(f"{signal} of {ref.key}: decoded {decoded} of {available} frames")
-    return crop.T  # [channels, frames] view of frame-major memory: .T.reshape(-1) interleaves L R L R
+    with ShardReader() as reader:
+        return reader.read_crop(ref, signal, start, frames, probe_only=probe_only)

@@ -216,3 +216,30 @@ def test_loader_refuses_mismatched_shards(speech_shards, musdb_shards):
         make_loader(musdb_config(musdb_shards, sources=["drums", "piano"]), "train")
     with pytest.raises(ValueError, match="split"):
         make_loader(speech_config(speech_shards), "test")
+
+
+def test_shard_reader_reuses_its_file_and_matches_read_crop(speech_shards, monkeypatch):
+    """One open per run of crops from the same shard, the same crops as a fresh read_crop, and a reopen after
+    a failed crop."""
+    paths = sorted(str(p) for p in Path(speech_shards).glob("train-*.tar"))
+    refs = [r for path in paths for r in shards_module.iter_shard(path)]
+    opened = []
+
+    class CountingFile(io.FileIO):
+        def __init__(self, path, mode="r"):
+            opened.append(path)
+            super().__init__(path, mode)
+
+    expected = [shards_module.read_crop(ref, "audio", 0, 4000) for ref in refs]
+    monkeypatch.setattr(shards_module, "open", CountingFile, raising=False)
+    with shards_module.ShardReader() as reader:
+        crops = [reader.read_crop(ref, "audio", 0, 4000) for ref in refs]
+        assert len(opened) == len(paths)  # refs are grouped by shard: one open per shard
+        with pytest.raises(ValueError, match="has no 'vocals' member"):
+            reader.read_crop(refs[0], "vocals", 0, 4000)
+        broken = shards_module.SampleRef(refs[0].shard, refs[0].key, refs[0].meta, {"audio": (0, 512)})
+        with pytest.raises(ValueError, match="cannot decode"):
+            reader.read_crop(broken, "audio", 0, 4000)  # the tar header is no audio
+        np.testing.assert_array_equal(reader.read_crop(refs[0], "audio", 0, 4000), expected[0])
+    for crop, want in zip(crops, expected):
+        np.testing.assert_array_equal(crop, want)

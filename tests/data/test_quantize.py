@@ -50,3 +50,12 @@ def test_out_of_range_input_is_clipped_and_bad_arguments_are_refused():
         quantize(torch.zeros(1), 8, "a-law")
     with pytest.raises(ValueError, match="bits"):
         zero_level(0, "linear")
+
+
+@pytest.mark.parametrize("kind", ["mu-law", "linear"])
+def test_quantize_matches_the_level_formula_on_every_16_bit_sample(kind):
+    """The fused in-place steps give exactly floor(u * (2**bits - eps) + eps / 2) of the written-out formula."""
+    x = torch.arange(-32768, 32768, dtype=torch.float32) / 32768
+    companded = torch.sign(x) * torch.log(1 + 255 * x.abs()) / math.log1p(255) if kind == "mu-law" else x
+    expected = torch.floor((companded + 1) * ((256 - 0.01) / 2) + 0.01 / 2).long()
+    assert torch.equal(quantize(x, 8, kind), expected)
