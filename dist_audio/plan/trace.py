@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.distributed._tools import mem_tracker
 from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -44,6 +44,8 @@ _GRAD = mem_tracker._MemRefType.GRAD
 _OPT = mem_tracker._MemRefType.OPT
 _PARAM = mem_tracker._MemRefType.PARAM
 _BUFFER = mem_tracker._MemRefType.BUFFER
+_DEVICE = torch.ops.prim.device.default
+_META = torch.device("meta")
 
 
 @dataclass(frozen=True)
@@ -92,8 +94,10 @@ class StepTrace:
 class _CurveTracker(MemTracker):
     """MemTracker that keeps a per-operator curve of the categories the planner needs.
 
-    It skips MemTracker's per-module peak bookkeeping (the planner does not use it and it costs
-    a pass over every module after every operator).
+    Its per-operator hook is a lean version of MemTracker's for one fake mode and plain tensors
+    (no DTensor, no collectives): it classifies each output exactly as MemTracker does, but skips
+    the per-module peak bookkeeping (the planner does not use it and it costs a pass over every
+    module after every operator) and answers device queries without a second dispatch.
     """
 
     def __init__(self) -> None:
@@ -102,26 +106,39 @@ class _CurveTracker(MemTracker):
         self.largest_alloc = 0
         self.sdpa_query_elems = 0
 
-    def _update_peak_stats(self, peak_state: Any) -> None:
-        snap = next(iter(self._curr_mem_snap.values()), None)
-        if snap is None:
-            return
-        self.curve.append((sum(snap[k] for k in _ACT), snap[_TEMP], snap[_GRAD], snap[_OPT]))
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.prim.device.default:  # fake tensors ask this constantly; it allocates nothing
-            return func(*args, **(kwargs or {}))
+        if func is _DEVICE and isinstance(args[0], FakeTensor):  # asked constantly; allocates nothing
+            fake = args[0]
+            return _META if fake.fake_mode.in_kernel_invocation else fake.fake_device
         if func is torch.ops.aten.equal.default:
             # torch.istft checks its window overlap (NOLA) with a scalar ``equal`` that fake tensors
             # cannot answer; the check can only raise, so answer "not equal", i.e. it passes.
             return False
         if "scaled_dot_product" in func.__name__ and args:
             self.sdpa_query_elems = max(self.sdpa_query_elems, args[0].numel())
-        out = super().__torch_dispatch__(func, types, args, kwargs)
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest_alloc = max(self.largest_alloc, t.untyped_storage().nbytes())
+        out = func(*args, **(kwargs or {}))
+        if self._in_opt:
+            reftype = _OPT
+        elif self._mod_tracker.is_bw and not self._in_ac:
+            reftype = _TEMP
+        else:
+            reftype = mem_tracker._MemRefType.ACT
+        for tensor in _tensors(out):
+            self._track(reftype, tensor)
+            self.largest_alloc = max(self.largest_alloc, tensor.untyped_storage().nbytes())
+        snap = next(iter(self._curr_mem_snap.values()), None)
+        if snap is not None:
+            self.curve.append((snap[_ACT[0]] + snap[_ACT[1]], snap[_TEMP], snap[_GRAD], snap[_OPT]))
         return out
+
+
+def _tensors(out: Any):
+    """The tensors in an operator's output (a tensor, or nested tuples/lists of them)."""
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, (tuple, list)):
+        for item in out:
+            yield from _tensors(item)
 
 
 @contextlib.contextmanager
