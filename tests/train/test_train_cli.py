@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from _loss_signals import signal_on_loss_call
 
 from dist_audio.train import trainer as trainer_lib
 from dist_audio.train.checkpoint import complete_checkpoints
@@ -63,22 +64,8 @@ def test_existing_run_dir_needs_resume_or_overwrite(make_cfg, capsys):
 
 
 def test_sigterm_exits_0_with_resume_hint(make_cfg, monkeypatch, caplog):
-    build = trainer_lib.build_objective
-
-    def build_signalling(model_cfg, data_cfg):
-        objective = build(model_cfg, data_cfg)
-        loss, calls = objective.loss, []
-
-        def loss_then_signal(model, batch):
-            calls.append(1)
-            if len(calls) == 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return loss(model, batch)
-
-        objective.loss = loss_then_signal
-        return objective
-
-    monkeypatch.setattr(trainer_lib, "build_objective", build_signalling)
+    monkeypatch.setattr(trainer_lib, "build_objective", trainer_lib.build_objective)  # restored after the test
+    signal_on_loss_call(3)
     path, overrides, cfg = make_cfg("sashimi", "train.max_steps=10")
     assert launch_train.main(cli_args(path, overrides)) == 0
     assert [p.name for p in complete_checkpoints(cfg.run_dir)] == ["step-3"]
@@ -86,28 +73,11 @@ def test_sigterm_exits_0_with_resume_hint(make_cfg, monkeypatch, caplog):
 
 
 SECOND_SIGNAL = textwrap.dedent("""
-    import os, signal, sys
-    from dist_audio.train import trainer
+    import sys
+    from _loss_signals import signal_on_loss_call
     from launch import train
 
-    build = trainer.build_objective
-
-    def build_signalling(model_cfg, data_cfg):
-        objective = build(model_cfg, data_cfg)
-        loss, calls = objective.loss, []
-
-        def loss_then_signals(model, batch):
-            calls.append(1)
-            if len(calls) == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-                os.kill(os.getpid(), signal.SIGTERM)
-                print("survived the second signal", flush=True)
-            return loss(model, batch)
-
-        objective.loss = loss_then_signals
-        return objective
-
-    trainer.build_objective = build_signalling
+    signal_on_loss_call(2, times=2)
     sys.exit(train.main(sys.argv[1:]))
 """)
 
@@ -115,7 +85,8 @@ SECOND_SIGNAL = textwrap.dedent("""
 def test_second_signal_exits_at_once(make_cfg):
     path, overrides, cfg = make_cfg("sashimi", "train.max_steps=10")
     done = subprocess.run([sys.executable, "-c", SECOND_SIGNAL, *cli_args(path, overrides)], cwd=REPO,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)])})
     assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
     assert "survived" not in done.stdout
     assert complete_checkpoints(cfg.run_dir) == []
