@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -72,6 +73,25 @@ def test_recurrent_steps_equal_the_convolution(mode, init, dtype, tolerance):
     assert _relative_step_error(model, x) < tolerance
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="ahead-of-time compilation needs a C++ compiler")
+def test_compiled_steps_equal_eager_steps_and_reset_restarts_them():
+    """Every stage compiled (S4 DPLR, the longer recurrence) over all pooling phases, then run again."""
+    torch.manual_seed(0)
+    model = _small("dplr", "legs", l_max=64).eval()
+    x = torch.randint(0, 256, (3, 40))
+    eager, compiled = model.default_state(3), model.default_state(3, compiled=True)
+    first = []
+    for t in range(x.shape[1]):
+        expected, _ = model.step(x[:, t], eager)
+        out, _ = model.step(x[:, t], compiled)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+        first.append(out)
+    compiled.reset()
+    again = torch.stack([model.step(x[:, t], compiled)[0] for t in range(x.shape[1])])
+    torch.testing.assert_close(again, torch.stack(first), rtol=0, atol=0)
+
+
 def test_recurrent_steps_equal_the_convolution_with_unet_blocks():
     torch.manual_seed(0)
     model = _small("diag", "diag-inv", unet=True).double().eval()
@@ -98,7 +118,7 @@ def test_fused_feed_forward_matches_the_plain_one_and_finite_differences():
     torch.manual_seed(0)
     ff = FeedForward(4, 2, dropout=0.0).double()
     x = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
-    torch.testing.assert_close(ff(x), ff.step(x, None)[0])  # fused vs plain forward
+    torch.testing.assert_close(ff(x), ff.step(x, None))  # fused vs plain forward
     names = ["w1", "b1", "w2", "b2"]
     params = dict(ff.named_parameters())
     assert torch.autograd.gradcheck(
