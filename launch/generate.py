@@ -5,6 +5,9 @@
 ``--checkpoint`` takes an export directory, a checkpoint directory or a run directory. Each WAV is
 written at the model's ``sample_rate``; the log-likelihood of each sample's generated part under the
 model (temperature 1, no nucleus cut) is printed, in nats and in bits per sample.
+
+``--compile`` compiles each stage's step ahead of time first (about 15-50 s per stage with a C++
+compiler): on CPU it then generates about 3x faster, so it pays off from a few seconds of audio on.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU intra-op threads; one step's tensors are too small to gain from more")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the recurrent step ahead of time (needs a C++ compiler; ~3x faster on CPU)")
     return parser.parse_args(argv)
 
 
@@ -74,11 +79,16 @@ def main(argv: list[str] | None = None) -> int:
         prefix = tokens.expand(args.num, -1)
     steps = int(args.seconds * rate) * channels
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    state = None
+    if args.compile:
+        start = time.perf_counter()
+        state = model.default_state(args.num, compiled=True)
+        print(f"compiled the recurrent step for batch {args.num} in {time.perf_counter() - start:.0f} s")
     start = time.perf_counter()
     tokens, log_likelihood = generate(
         model, make_head(bits, cfg.model.head, cfg.model.n_mixtures), num=args.num, steps=steps,
         first_token=zero_level(bits, kind), temperature=args.temperature, top_p=args.top_p, prefix=prefix,
-        generator=generator)
+        generator=generator, state=state)
     elapsed = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     audio = dequantize(tokens.cpu(), bits, kind)
