@@ -151,9 +151,11 @@ class _StageStep(nn.Module):
         return _step(self.blocks, x, [None if rec is None else (next(pending), rec) for rec in self.recurrences])
 
 
-def _compiled_stage(blocks: nn.ModuleList, states: list, x: Tensor) -> Callable[[Tensor], Tensor]:
-    """The stage's step compiled ahead of time for inputs shaped like ``x``; same contract as ``_step``."""
+def _compiled_stage(blocks: nn.ModuleList, states: list) -> Callable[[Tensor], Tensor]:
+    """The stage's step compiled ahead of time for these states' batch size; same contract as ``_step``."""
     tensors = [state[0] for state in states if state is not None]
+    norm = blocks[0].norm
+    x = norm.weight.new_zeros(tensors[0].shape[1], *norm.normalized_shape)  # states are [2, b, h, n]
     compiled = compile_ahead_of_time(_StageStep(blocks, states), (x, *tensors))
     return lambda h: compiled(h, *tensors)
 
@@ -257,17 +259,11 @@ class SaShiMi(nn.Module):
         float rounding and several times faster per sample, after tens of seconds of compiling per stage.
         """
         ref = self.output.weight
-        widths = {f"down{i}": w for i, w in enumerate(self.widths[:-1])} | {"center": self.widths[-1]}
-        widths |= {f"up{i}": w for i, w in enumerate(self.widths[:-1])}
         groups = {f"down{i}": b for i, b in enumerate(self.down_blocks)}
         groups |= {"center": self.center} | {f"up{i}": b for i, b in enumerate(self.up_blocks)}
         blocks = {k: [blk.default_state(batch_size) for blk in v] for k, v in groups.items()}
-        stages = {}
-        for key, stage_blocks in groups.items():
-            if compiled and len(stage_blocks):
-                stages[key] = _compiled_stage(stage_blocks, blocks[key], ref.new_zeros(batch_size, widths[key]))
-            else:
-                stages[key] = functools.partial(_step, stage_blocks, states=blocks[key])
+        stages = {k: _compiled_stage(v, blocks[k]) if compiled and len(v)
+                  else functools.partial(_step, v, states=blocks[k]) for k, v in groups.items()}
         return SashimiState(
             t=0,
             blocks=blocks,
