@@ -8,7 +8,8 @@ run config except for precision, accumulation and checkpointing.
 Accelerate maps FSDP only onto accelerator devices: on CPU it silently trains unsharded. Here an FSDP
 launch on CPU is detected and FSDP2 is applied by hand with ``fully_shard`` (one unit per model block,
 plus the root), so CPU runs shard exactly as requested. ``StrategyInfo`` reports what is really in
-effect; a requested strategy that cannot be applied raises ``StrategyError``.
+effect; a requested strategy that cannot be applied raises ``StrategyError``. ``full_state_dict``
+gathers whole weights back from any strategy's sharding (for previews during training).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointWrapper,
     checkpoint_wrapper,
 )
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
 from dist_audio.config import TrainConfig
@@ -371,3 +373,19 @@ def _parameter_counts(model: nn.Module) -> tuple[int, int]:
             on_rank += param.numel()
             total += param.numel()
     return on_rank, total
+
+
+def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole weights on the main process, on the CPU (empty elsewhere). Collective: call it
+    on every rank. ZeRO-3 partitions are gathered with DeepSpeed's ``GatheredParameters``; FSDP2
+    DTensors and replicated parameters through ``torch.distributed.checkpoint``'s full state dict."""
+    module = accelerator.unwrap_model(model)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            if not accelerator.is_main_process:
+                return {}
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    weights = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return weights if accelerator.is_main_process else {}

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm.auto import tqdm
 
 from dist_audio.config import ConfigError, RunConfig, read_manifest, save_config
@@ -303,7 +302,7 @@ class Trainer:
         made on the main process alone. Sharded parameters (ZeRO-3, FSDP) are first gathered into a
         temporary single-device copy: recurrent generation runs outside ``forward`` and its hooks."""
         if self.strategy.sharded_params:
-            weights = full_state_dict(self.accelerator, self.model)
+            weights = parallelize.full_state_dict(self.accelerator, self.model)
             if not self.accelerator.is_main_process:
                 return
             model = build_model(self.cfg.model)
@@ -430,22 +429,6 @@ class _Window:
 
     def mean(self, name: str) -> float:
         return self.sums[name] / self.counts[name] if self.counts.get(name) else math.nan
-
-
-def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's whole weights on the main process, on the CPU (empty elsewhere). Collective: call it
-    on every rank. ZeRO-3 partitions are gathered with DeepSpeed's ``GatheredParameters``; FSDP2
-    DTensors and replicated parameters through ``torch.distributed.checkpoint``'s full state dict."""
-    module = accelerator.unwrap_model(model)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters())):
-            if not accelerator.is_main_process:
-                return {}
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    weights = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return weights if accelerator.is_main_process else {}
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
