@@ -22,12 +22,11 @@ _PREVIEW_SAMPLES = 2
 @torch.inference_mode()
 def generate(model: nn.Module, head: CategoricalHead | DMLHead, *, num: int, steps: int, first_token: int,
              temperature: float = 1.0, top_p: float = 1.0, prefix: Tensor | None = None,
-             generator: torch.Generator | None = None, compiled: bool = False,
-             state: SashimiState | None = None) -> tuple[Tensor, Tensor]:
+             generator: torch.Generator | None = None, state: SashimiState | None = None) -> tuple[Tensor, Tensor]:
     """Sample ``num`` sequences of ``steps`` new tokens in recurrent mode, after an optional prefix.
 
-    The run starts from ``state`` when given (e.g. a compiled state kept for several runs; it is
-    reset first), else from ``model.default_state(num, compiled=compiled)``.
+    The run starts from ``state`` when given (e.g. ``model.default_state(num, compiled=True)``, kept for
+    several runs; it is reset first), else from a fresh eager ``model.default_state(num)``.
 
     Returns the tokens Long[num, prefix + steps] (prefix included) and the log-likelihood in nats of
     the generated tokens under the model itself (temperature 1, no nucleus cut), Float[num].
@@ -37,7 +36,7 @@ def generate(model: nn.Module, head: CategoricalHead | DMLHead, *, num: int, ste
     if prefix.shape[0] != num:
         raise ValueError(f"prefix holds {prefix.shape[0]} sequences, expected {num}")
     prefix = prefix.to(device)
-    state = model.default_state(num, compiled=compiled) if state is None else state.reset()
+    state = model.default_state(num) if state is None else state.reset()
     token = torch.full((num,), first_token, dtype=torch.long, device=device)
     tokens, log_likelihood = [], torch.zeros(num, dtype=torch.float64, device=device)
     for t in range(prefix.shape[1] + steps):
