@@ -15,6 +15,10 @@ x ← Ā x + B̄ u, one step per sample, at O(N) cost per channel.
   ``l_max``; generation folds it back once and steps with a Sherman–Morrison solve.
 
 A, B, P are shared by the channels (S4's n_ssm = 1); Δ and C are per channel.
+
+Precision (``dist_audio.models.precision``): the kernels (Δ, A, B, C, P, the discretisation, Vandermonde
+and Cauchy sums) and the FFT convolution are float32 islands; the kernel modules are the model's
+``fp32_classes``; the layer's output linear runs in the training precision.
 Axes: b batch, l length, h channels, n complex modes, c chunk.
 """
 
@@ -28,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from dist_audio.models.precision import as_float32, float32
 
 __all__ = ["DPLRKernel", "DPLRRecurrence", "DiagKernel", "DiagRecurrence", "Recurrence", "S4Layer", "SSMOptions",
            "causal_fft_conv", "hippo_legs_nplr", "linear_parameters", "vandermonde_kernel"]
@@ -127,7 +133,8 @@ Recurrence = DiagRecurrence | DPLRRecurrence
 
 
 def _complex(p: Tensor) -> Tensor:
-    return torch.view_as_complex(p)
+    """A real [..., 2] parameter as complex64 (upcast first: there is no complex bf16)."""
+    return torch.view_as_complex(as_float32(p))
 
 
 def _complex_param(z: Tensor) -> nn.Parameter:
@@ -271,7 +278,8 @@ def linear_parameters(d_in: int, d_out: int) -> tuple[nn.Parameter, nn.Parameter
 
 
 def _fft_dtype(t: Tensor) -> torch.dtype:
-    """FFTs run in float32 under half-precision autocast (CPU and most GPU FFTs lack bf16)."""
+    """The convolution is a float32 island whatever the activations' dtype: there are no bf16 FFTs,
+    and a kernel spanning 10^4 steps loses its tail in 8 mantissa bits."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -293,10 +301,11 @@ class DiagKernel(nn.Module):
 
     def _discrete(self) -> tuple[Tensor, Tensor]:
         """Δ·A [H, n] and the ZOH input matrix B̄ = (exp(ΔA) − 1)/A · B."""
-        a = torch.complex(-torch.exp(self.a_log_re), self.a_im)
-        dt_a = torch.exp(self.log_dt)[:, None] * a
+        a = torch.complex(-torch.exp(as_float32(self.a_log_re)), as_float32(self.a_im))
+        dt_a = torch.exp(as_float32(self.log_dt))[:, None] * a
         return dt_a, torch.expm1(dt_a) / a * _complex(self.B)
 
+    @float32
     def forward(self, length: int) -> Tensor:
         dt_a, dB = self._discrete()
         return vandermonde_kernel(_complex(self.C) * dB, dt_a, length)
@@ -326,14 +335,15 @@ class DPLRKernel(nn.Module):
         return [self.log_dt, self.lam_log_re, self.lam_im, self.P, self.B]
 
     def _lam(self) -> Tensor:
-        return torch.complex(-torch.exp(self.lam_log_re), self.lam_im)
+        return torch.complex(-torch.exp(as_float32(self.lam_log_re)), as_float32(self.lam_im))
 
+    @float32
     def forward(self, length: int) -> Tensor:
         if length > self.l_max:
             raise ValueError(f"dplr kernel asked for length {length} > its l_max {self.l_max} "
                              "(raise model.s4.l_max to the training length in samples)")
         lam, p, b, c = self._lam(), _complex(self.P), _complex(self.B), _complex(self.C)
-        dt = torch.exp(self.log_dt)
+        dt = torch.exp(as_float32(self.log_dt))
         numerators = torch.stack([c * b, c * p, (p.conj() * b).expand_as(c), (p.conj() * p).expand_as(c)], 1)
         freqs = self.l_max // 2 + 1
         k = torch.arange(freqs, device=dt.device, dtype=dt.dtype)
@@ -353,7 +363,7 @@ class DPLRKernel(nn.Module):
         """The O(N) bilinear step; C = C̃ (I − Ā^l_max)^{-1} is folded back once, densely in float64."""
         f64 = torch.complex128
         lam, p, b, c = (z.to(f64) for z in (self._lam(), _complex(self.P), _complex(self.B), _complex(self.C)))
-        dt = torch.exp(self.log_dt.double())
+        dt = torch.exp(self.log_dt.double())  # the fold-back is ill-conditioned: float64 throughout
         lam_f, p_f = torch.cat([lam, lam.conj()]), torch.cat([p, p.conj()])
         a = torch.diag(lam_f) - torch.outer(p_f, p_f.conj())
         eye = torch.eye(a.shape[0], dtype=f64, device=a.device)
@@ -367,7 +377,7 @@ class DPLRKernel(nn.Module):
         return DPLRRecurrence(
             p=_planar(p.to(dtype)), forward_part=_planar((d * (1 + dt[:, None] / 2 * lam)).to(dtype)),
             p_part=_planar(p_part.to(dtype)), b_part=_planar((d * dt[:, None] * b).to(dtype)),
-            correction=(1 / (1 + torch.linalg.vecdot(p, p_part).real))[:, None].to(self.C.dtype),
+            correction=(1 / (1 + torch.linalg.vecdot(p, p_part).real))[:, None].to(dtype.to_real()),
             dC=_planar((2 * c_full[:, : lam.shape[0]]).to(dtype)))
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dist_audio.models.compile import compile_ahead_of_time
-from dist_audio.models.s4 import S4Layer, SSMOptions, linear_parameters
+from dist_audio.models.s4 import DiagKernel, DPLRKernel, S4Layer, SSMOptions, linear_parameters
 
 __all__ = ["DownPool", "FeedForward", "ResidualBlock", "SaShiMi", "SashimiState", "UpPool"]
 
@@ -190,6 +190,7 @@ class SaShiMi(nn.Module):
     """The SaShiMi backbone over ``levels`` tokens; outputs ``out_features`` per step for the head."""
 
     block_classes = (ResidualBlock,)
+    fp32_classes = (DiagKernel, DPLRKernel)  # SSM kernels: parameters and computation stay float32
 
     def __init__(self, *, levels: int, out_features: int, d_model: int = 64, n_layers: int = 8,
                  pool: tuple[int, ...] = (4, 4), expand: int = 2, ff: int = 2, glu: bool = False,

@@ -14,6 +14,10 @@ level (``"every_stage"``, the layout of the project this one replaces; decoder l
 convolutional). All attention is ``tf_attention`` (fused SDPA), so the activation memory grows linearly
 with frames × bins.
 
+Precision (``dist_audio.models.precision``): the STFT / iSTFT, magnitude, input scaling, masking with the
+mixture phase and the loss are float32 islands; the U-Net between them (convs, norms, attention, feed-forwards)
+computes in the training precision. No parameter needs float32 (``fp32_classes`` is empty).
+
 Axis letters: ``b`` batch, ``s`` sources, ``c`` audio channels, ``n`` samples, ``f`` frequency bins,
 ``t`` frames, ``d`` feature channels.
 """
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_audio.models.precision import as_float32, float32, like_parameter
 from dist_audio.models.tf_attention import FrequencyAttention, TimeAttention, WindowAttention
 
 __all__ = ["AttentionLayer", "ResidualBlock", "TFSWAModule", "TFSWAUNet"]
@@ -126,6 +131,7 @@ class TFSWAUNet(nn.Module):
     """Separates ``mix [b, c, n]`` into ``[b, s, c, n]`` through masks on the mixture STFT."""
 
     block_classes: tuple[type[nn.Module], ...] = (ResidualBlock, AttentionLayer)
+    fp32_classes: tuple[type[nn.Module], ...] = ()
 
     def __init__(
         self,
@@ -177,17 +183,19 @@ class TFSWAUNet(nn.Module):
 
     # -- spectrogram plumbing ---------------------------------------------------------------------
 
+    @float32
     def stft(self, audio: torch.Tensor) -> torch.Tensor:
         """``[..., n]`` → complex ``[..., f, t]`` (centred frames, Hann window)."""
         lead = audio.shape[:-1]
-        spec = torch.stft(audio.reshape(-1, audio.shape[-1]), self.n_fft, self.hop, window=self.window,
+        spec = torch.stft(audio.reshape(-1, audio.shape[-1]), self.n_fft, self.hop, window=as_float32(self.window),
                           center=True, pad_mode="constant", return_complex=True)
         return spec.reshape(*lead, *spec.shape[-2:])
 
+    @float32
     def istft(self, spec: torch.Tensor, length: int) -> torch.Tensor:
         """Complex ``[..., f, t]`` → ``[..., length]``; the exact inverse of ``stft``."""
         lead = spec.shape[:-2]
-        audio = torch.istft(spec.reshape(-1, *spec.shape[-2:]), self.n_fft, self.hop, window=self.window,
+        audio = torch.istft(spec.reshape(-1, *spec.shape[-2:]), self.n_fft, self.hop, window=as_float32(self.window),
                             center=True, length=length)
         return audio.reshape(*lead, length)
 
@@ -197,12 +205,12 @@ class TFSWAUNet(nn.Module):
         """mix ``[b, c, n]`` → sources ``[b, s, c, n]``."""
         if mix.dim() != 3 or mix.shape[1] != self.channels:
             raise ValueError(f"expected mixture [batch, {self.channels}, samples], got {tuple(mix.shape)}")
-        spec = self.stft(mix)  # [b, c, f, t]
-        masks = self.estimate(spec.abs())  # [b, s, c, f, t]
+        spec = self.stft(mix)  # [b, c, f, t], complex64
+        masks = self.estimate(spec.abs())  # [b, s, c, f, t], float32
         return self.istft(spec.unsqueeze(1) * masks, mix.shape[-1])
 
     def estimate(self, mag: torch.Tensor) -> torch.Tensor:
-        """Mixture magnitude ``[b, c, f, t]`` → real masks ``[b, s, c, f, t]`` for the mixture STFT."""
+        """Mixture magnitude ``[b, c, f, t]`` → float32 masks ``[b, s, c, f, t]`` for the mixture STFT."""
         b, c, f, t = mag.shape
         k, m = self.subbands, self.multiple
         # scale-free input: the network sees the magnitude relative to its mean
@@ -213,7 +221,7 @@ class TFSWAUNet(nn.Module):
         x = x.reshape(b, c * k, band, frames).transpose(2, 3)  # [b, c·k, t, band]
 
         # channels-last memory all the way: norms, attention and convs then need no layout copies
-        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        x = self.stem(like_parameter(x, self.stem.weight).contiguous(memory_format=torch.channels_last))
         skips = []
         for i, stage in enumerate(self.encoder):
             x = stage(x)
@@ -223,7 +231,7 @@ class TFSWAUNet(nn.Module):
         for i in reversed(range(len(self.decoder))):
             x = self.merge[i](self.up[i](x), skips[i])
             x = self.decoder[i](x)
-        x = self.head(x)  # [b, s·c·k, t, band]
+        x = as_float32(self.head(x))  # [b, s·c·k, t, band]
 
         x = x.transpose(2, 3).reshape(b, self.sources, c, k * band, frames)[..., :f, :t]
         if self.output == "mask":

@@ -12,6 +12,7 @@ from torch import nn
 
 from dist_audio.config import DataConfig, TFSWAConfig
 from dist_audio.metrics import usdr
+from dist_audio.models.precision import float32
 
 __all__ = ["SeparationObjective", "multi_resolution_stft_loss"]
 
@@ -19,6 +20,7 @@ __all__ = ["SeparationObjective", "multi_resolution_stft_loss"]
 STFT_RESOLUTIONS = ((512, 128), (1024, 256), (2048, 512))
 
 
+@float32
 def multi_resolution_stft_loss(estimate: torch.Tensor, reference: torch.Tensor,
                                resolutions=STFT_RESOLUTIONS) -> torch.Tensor:
     """Spectral convergence + log-magnitude L1, averaged over resolutions: ``[b, ..., n]`` → ``[b]``."""
@@ -43,6 +45,7 @@ class SeparationObjective:
         self.sample_rate = model_cfg.sample_rate
         self.mrstft_weight = model_cfg.mrstft_weight
 
+    @float32
     def _per_sample_loss(self, estimate: torch.Tensor, stems: torch.Tensor) -> tuple[torch.Tensor, dict]:
         l1 = (estimate - stems).abs().mean(dim=(1, 2, 3))
         parts = {"l1": l1}
