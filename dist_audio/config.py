@@ -234,7 +234,7 @@ class TrainConfig:
     runs_dir: str = "runs"
     max_steps: int = 1000  # optimizer steps
     grad_accum: int = 1
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "fp32", "bf16", "fp16"] = "no"  # fp32 is a synonym of no (stored as no)
     activation_checkpointing: Literal["none", "blocks", "every_n"] = "none"
     checkpointing_every_n: int = 2  # with activation_checkpointing: every_n, wrap every n-th block
     checkpoint_every: int = 500  # optimizer steps between checkpoints
@@ -244,6 +244,10 @@ class TrainConfig:
     seed: int = 0
     auto_fit: bool = False  # on CUDA OOM halve the micro-batch and double grad_accum, then retry
     max_nonfinite_steps: int = 5  # consecutive skipped (non-finite) steps before the run stops
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision == "fp32":
+            self.mixed_precision = "no"
 
     def validate(self, key: str) -> None:
         _check(bool(self.name) and "/" not in self.name, f"{key}.name", "must be a non-empty name without '/'")
@@ -401,6 +405,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 continue
         raise ConfigError(key, f"{value!r} matches none of the allowed types")
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/yes/on as booleans
+            value = next((word for word in _YAML_BOOL_WORDS[value] if word in args), value)
         if value not in args:
             raise ConfigError(key, f"must be one of {list(args)}, got {value!r}")
         return value
@@ -432,6 +438,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(key, f"expected a string, got {type(value).__name__} {value!r}")
         return str(value)
     raise ConfigError(key, f"unsupported config type {tp!r}")  # a bug in a dataclass declaration
+
+
+_YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
 
 
 def _check(condition: bool, key: str, message: str) -> None:
