@@ -5,9 +5,10 @@ Layout (``../shared/INTERFACES.md``)::
     <runs_dir>/<name>/
         config.yaml                 resolved config of the latest start
         tb/                         TensorBoard event files
-        checkpoints/step-<N>/       model + optimizer (``parallelize.save_training_state``),
-                                    trainer_state.json (with the lr schedule), config.yaml,
-                                    rng/rank<r>.pt, ema/rank0.pt (the whole EMA)
+        checkpoints/step-<N>/       state/ (model, optimizer and EMA in the portable layout of
+                                    ``portable_state``: one torch.distributed.checkpoint directory,
+                                    readable by any strategy and world size), trainer_state.json
+                                    (with the lr schedule), config.yaml, rng/rank<r>.pt
 
 A checkpoint is written into ``checkpoints/.tmp-step-<N>/`` and renamed to ``step-<N>`` only once every
 rank has finished writing, so a directory named ``step-<N>`` is always complete; ``trainer_state.json``
@@ -32,11 +33,11 @@ import torch
 from accelerate import Accelerator
 
 from dist_audio.config import ConfigError, RunConfig, save_config
-from dist_audio.train import parallelize
+from dist_audio.train.portable_state import StateHolder
 
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)")
 STATE_FILE = "trainer_state.json"
-EMA_FILE = "ema/rank0.pt"  # the consolidated EMA weights, written by the main process
+STATE_DIR = "state"  # the portable training state (portable_state)
 
 
 class CheckpointError(RuntimeError):
@@ -86,7 +87,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, cfg: RunConfig, state: TrainerState,
-                    ema: Any | None, keep_last: int) -> Path:
+                    holder: StateHolder, keep_last: int) -> Path:
     """Write ``checkpoints/step-<state.step>`` atomically on every rank, then prune to ``keep_last``.
 
     On any write error (disk full, ...) the partial directory is removed, earlier checkpoints are left
@@ -107,14 +108,9 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, cfg: RunConfig, sta
     accelerator.wait_for_everyone()
     error = None
     try:
-        parallelize.save_training_state(accelerator, tmp)
+        holder.save(tmp / STATE_DIR)
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(), tmp / "rng" / f"rank{rank}.pt")
-        if ema is not None:
-            ema_state = ema.state_dict()  # consolidated full weights; a collective under ZeRO-3/FSDP
-            if accelerator.is_main_process:
-                (tmp / "ema").mkdir()
-                torch.save(ema_state, tmp / EMA_FILE)
     except OSError as err:
         error = err
     if not _all_ranks_ok(accelerator, error is None):
@@ -140,26 +136,19 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, cfg: RunConfig, sta
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, ema: Any | None) -> TrainerState:
-    """Restore model, optimizer, schedule, EMA and this rank's RNG from ``path``; returns the trainer state."""
+def load_checkpoint(accelerator: Accelerator, path: Path, holder: StateHolder) -> TrainerState:
+    """Restore model, optimizer, EMA and this rank's RNG from ``path`` (written under any strategy and
+    world size); returns the trainer state. A rank the checkpoint had no RNG for keeps its own streams."""
     state_file = Path(path) / STATE_FILE
     if not state_file.is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
     state = TrainerState(**json.loads(state_file.read_text()))
-    if len(state.samples_seen) != accelerator.num_processes:
-        raise CheckpointError(f"{path} was written by {len(state.samples_seen)} processes, this run has "
-                              f"{accelerator.num_processes}; resume with the same number of processes "
-                              "(the data position is per rank)")
-    rank = accelerator.process_index
+    rng_file = Path(path) / "rng" / f"rank{accelerator.process_index}.pt"
     try:
-        parallelize.load_training_state(accelerator, path)
-        if ema is not None:
-            ema_file = Path(path) / EMA_FILE
-            if not ema_file.is_file():
-                raise CheckpointError(f"{path} holds no EMA weights but optim.ema_decay > 0")
-            ema.load_state_dict(torch.load(ema_file, map_location="cpu", weights_only=True))
-        set_rng_state(torch.load(Path(path) / "rng" / f"rank{rank}.pt", weights_only=True))
-    except pickle.UnpicklingError as err:  # weights_only=True met something that is not plain data
+        holder.load(Path(path) / STATE_DIR)
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+    except pickle.UnpicklingError as err:  # a file in it holds something that is not plain data
         raise CheckpointError(f"refused to load {path}: a file in it holds pickled objects that are not "
                               f"tensors or plain data ({str(err).splitlines()[0]})") from None
     return state

@@ -87,14 +87,16 @@ class Trainer:
         model = build_model(cfg.model)
         self.objective = build_objective(cfg.model, cfg.data)
         self.model, self.optimizer, self.strategy = parallelize.setup_model_and_optimizer(
-            accelerator, model, functools.partial(make_optimizer, cfg=cfg.optim), cfg.train)
+            accelerator, parallelize.LaunchStrategy.from_environment(), model,
+            functools.partial(make_optimizer, cfg=cfg.optim), cfg.train)
         # kept in trainer_state.json, not registered with Accelerate (which unpickles custom objects)
         self.schedule = LRSchedule(self.optimizer, cfg.optim, cfg.train.max_steps)
         self.ema = None
         if cfg.optim.ema_decay > 0:
             from dist_audio.train.ema import ShardedEMA
 
-            self.ema = ShardedEMA(self.model, cfg.optim.ema_decay)
+            self.ema = ShardedEMA(self.model, cfg.optim.ema_decay, accelerator.device)
+        self.training_state = parallelize.state_holder(accelerator, self.model, self.optimizer, self.ema)
         self.state = TrainerState(samples_seen=[0] * accelerator.num_processes)
         self.auto_fit = AutoFit(cfg.train.auto_fit)
         self.resumed_from: Path | None = None
@@ -110,7 +112,7 @@ class Trainer:
 
     def resume_from(self, checkpoint: Path) -> None:
         """Restore model, optimizer, schedule, EMA, RNG and the data position from ``checkpoint``."""
-        self.state = load_checkpoint(self.accelerator, checkpoint, self.ema)
+        self.state = load_checkpoint(self.accelerator, checkpoint, self.training_state)
         self.schedule.load_state_dict(self.state.schedule)
         self.auto_fit.splits, self.auto_fit.retries = self.state.micro_splits, self.state.oom_retries
         self.resumed_from = checkpoint
@@ -192,10 +194,7 @@ class Trainer:
             self.model.zero_grad(set_to_none=True)
             self.auto_fit.recover(loaded, message)
             self.state.micro_splits, self.state.oom_retries = self.auto_fit.splits, self.auto_fit.retries
-        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or math.inf)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-            grad_norm = grad_norm.full_tensor()
-        grad_norm = math.nan if grad_norm is None else float(grad_norm)
+        grad_norm = parallelize.clip_grad_norm(accelerator, self.model, self.cfg.optim.grad_clip or math.inf)
         counts = torch.tensor([sum(batch_size(b) for b in loaded), sum(int(b["skipped"]) for b in loaded)],
                               device=accelerator.device, dtype=torch.float64)
         counts = accelerator.reduce(counts, reduction="sum")
@@ -301,8 +300,8 @@ class Trainer:
         """Audio of the first validation sample (generated or separated) to listen to in TensorBoard,
         made on the main process alone. Sharded parameters (ZeRO-3, FSDP) are first gathered into a
         temporary single-device copy: recurrent generation runs outside ``forward`` and its hooks."""
-        if self.strategy.sharded_params:
-            weights = parallelize.full_state_dict(self.accelerator, self.model)
+        if self.strategy.sharded_params or self.strategy.param_dtype != "fp32":
+            weights = self.training_state.full_weights(self.accelerator.device)  # collective
             if not self.accelerator.is_main_process:
                 return
             model = build_model(self.cfg.model)
@@ -323,7 +322,7 @@ class Trainer:
         self.state.samples_seen = [int(n) for n in gather_object([self.state.samples_seen[
             self.accelerator.process_index]])]
         start = time.perf_counter()
-        path = save_checkpoint(self.accelerator, self.run_dir, self.cfg, self.state, self.ema,
+        path = save_checkpoint(self.accelerator, self.run_dir, self.cfg, self.state, self.training_state,
                                self.cfg.train.keep_last)
         logger.info("checkpoint %s written in %.1f s", path, time.perf_counter() - start)
         return path
@@ -450,8 +449,9 @@ def prepare_run_dir(accelerator: Accelerator, run_dir: Path, *, overwrite: bool)
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
-    return parallelize.make_accelerator(cfg.train, cfg.data.batch_size, grad_clip=cfg.optim.grad_clip,
-                                        tensorboard=cfg.log.tensorboard)
+    return parallelize.make_accelerator(cfg.train, parallelize.LaunchStrategy.from_environment(),
+                                        cfg.data.batch_size, grad_clip=cfg.optim.grad_clip,
+                                        log_with=["tensorboard"] if cfg.log.tensorboard else None)
 
 
 def run_training(cfg: RunConfig, *, resume: bool, overwrite: bool) -> TrainResult:

@@ -28,8 +28,14 @@ from dist_audio.config import load_config
 from dist_audio.models import build_model
 from dist_audio.objectives import build_objective
 from dist_audio.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
-from dist_audio.train.ema import ShardedEMA, gather_parameters
-from dist_audio.train.parallelize import make_accelerator, setup_model_and_optimizer
+from dist_audio.train.ema import ShardedEMA
+from dist_audio.train.parallelize import (
+    LaunchStrategy,
+    clip_grad_norm,
+    make_accelerator,
+    setup_model_and_optimizer,
+    state_holder,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,6 +66,7 @@ def main() -> None:
     parser.add_argument("--ac", default="none", help="activation checkpointing: none|blocks|every_n")
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay; 0 = no EMA")
     parser.add_argument("--save-at", type=int, default=0, help="checkpoint after this step, reload, go on")
+    parser.add_argument("--precision", default="no", help="train.mixed_precision: no | bf16")
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args()
 
@@ -67,27 +74,29 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(ROOT / "configs" / args.model / "debug.yaml",
                       ["data.shards=unused", f"train.runs_dir={out}", "train.name=run", "optim.grad_clip=0",
-                       f"train.activation_checkpointing={args.ac}"])
+                       f"train.activation_checkpointing={args.ac}", f"train.mixed_precision={args.precision}"])
     torch.manual_seed(0)
     model, objective = build_model(cfg.model), build_objective(cfg.model, cfg.data)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.global_batch % world:
         raise SystemExit(f"--global-batch {args.global_batch} does not split over {world} ranks")
     per_rank = args.global_batch // world
-    accelerator = make_accelerator(cfg.train, per_rank, grad_clip=0.0, tensorboard=False)
+    strategy = LaunchStrategy.from_environment()
+    accelerator = make_accelerator(cfg.train, strategy, per_rank, grad_clip=0.0)
     rank = accelerator.process_index
 
     def make_optimizer(m: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(m.param_groups(0.01), lr=3e-3)
 
-    model, optimizer, info = setup_model_and_optimizer(accelerator, model, make_optimizer, cfg.train)
-    ema = ShardedEMA(model, args.ema) if args.ema else None
+    model, optimizer, info = setup_model_and_optimizer(accelerator, strategy, model, make_optimizer, cfg.train)
+    ema = ShardedEMA(model, args.ema, accelerator.device) if args.ema else None
+    holder = state_holder(accelerator, model, optimizer, ema)
     losses, grad_norms = [], []
     for step, batch in enumerate(synthetic_batches(cfg, args.global_batch, args.length, args.steps), start=1):
         local = {k: v[rank * per_rank:(rank + 1) * per_rank].to(accelerator.device) for k, v in batch.items()}
         loss, _ = objective.loss(model, local)
         accelerator.backward(loss)
-        grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), 1e6)))  # reports, never clips
+        grad_norms.append(clip_grad_norm(accelerator, model, 1e6))  # reports, never clips
         optimizer.step()
         optimizer.zero_grad()
         if ema:
@@ -95,17 +104,17 @@ def main() -> None:
         losses.append(accelerator.reduce(loss.detach(), "mean").item())
         if step == args.save_at:
             state = TrainerState(step=step, samples_seen=[step * per_rank] * world)
-            path = save_checkpoint(accelerator, cfg.run_dir, cfg, state, ema, keep_last=2)
-            weights = gather_parameters(model)
-            ema_weights = ema.full_weights(model) if ema else None
+            path = save_checkpoint(accelerator, cfg.run_dir, cfg, state, holder, keep_last=2)
+            weights = holder.full_weights(accelerator.device)
+            ema_weights = ema.full_weights() if ema else None
             if rank == 0:
                 save_file(weights, str(out / "at_save.safetensors"))
                 if ema_weights:
                     save_file(ema_weights, str(out / "ema_at_save.safetensors"))
-            load_checkpoint(accelerator, path, ema)
+            load_checkpoint(accelerator, path, holder)
     result = {"losses": losses, "grad_norms": grad_norms, "info": dataclasses.asdict(info)}
     if ema:
-        result["ema"] = {name: w.double().sum().item() for name, w in ema.full_weights(model).items()}
+        result["ema"] = {name: w.double().sum().item() for name, w in ema.full_weights().items()}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     accelerator.end_training()
 

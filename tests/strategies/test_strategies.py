@@ -131,10 +131,20 @@ def test_export_rejects_a_directory_without_checkpoints(tmp_path: Path):
     assert "neither a checkpoint" in proc.stderr
 
 
-def test_fsdp_that_cannot_shard_is_refused_not_run_unsharded(tmp_path: Path):
+def test_fsdp_on_one_process_shards_over_a_one_rank_mesh(tmp_path: Path):
+    """`accelerate launch --num_processes 1` with fsdp.yaml starts no process group: the same FSDP2 code
+    runs over a one-process group (what the GPU check does on one GPU), it is never skipped."""
     env = worker_env() | {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # what the launcher sets
+    proc = subprocess.run([sys.executable, str(WORKER), "--model", "tfswa", "--steps", "2", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((tmp_path / "rank0.json").read_text())["info"]
+    assert (info["distributed_type"], info["world_size"], info["sharded_params"]) == ("FSDP2 (fully_shard)", 1, False)
+
+
+def test_fsdp1_configs_are_refused(tmp_path: Path):
+    env = worker_env() | {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}
     proc = subprocess.run([sys.executable, str(WORKER), "--model", "tfswa", "--steps", "1", "--out", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "StrategyError: FSDP needs a multi-process launch" in proc.stderr
-    assert not list(tmp_path.glob("rank*.json"))
+    assert "StrategyError: set fsdp_version: 2" in proc.stderr
