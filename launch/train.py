@@ -17,7 +17,7 @@ from dist_audio.config import ConfigError, load_config
 from dist_audio.data import CorruptDataError
 from dist_audio.train.auto_fit import AutoFitExhausted
 from dist_audio.train.checkpoint import CheckpointError, check_run_dir
-from dist_audio.train.parallelize import StrategyError
+from dist_audio.train.parallelize import StrategyError, check_precision_supported
 from dist_audio.train.trainer import TrainingError, run_test_mode, run_training
 
 
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages
     try:
         cfg = load_config(args.config, args.set, check_data=True)
+        check_precision_supported(cfg.train)
         if not args.test_mode:
             check_run_dir(cfg.run_dir, resume=args.resume == "auto", overwrite=args.overwrite)
     except ConfigError as err:

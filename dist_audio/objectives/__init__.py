@@ -5,8 +5,9 @@ An objective has three methods, all taking the (possibly wrapped) model and one 
   named as TensorBoard tags without the ``train/`` prefix (e.g. ``bits_per_sample``);
 - ``evaluate(model, batch) -> dict[str, Tensor[B]]``: per-sample validation metrics, always with
   ``loss`` (the trainer averages them over samples and ranks and logs them under ``val/``);
-- ``preview(model, batch, seconds) -> dict[str, Tensor[C, T]]``: float audio in [-1, 1] to listen to
-  in TensorBoard (generated audio or separated stems), run on one device with an unwrapped model.
+- ``preview(model, batch, seconds) -> dict[str, Tensor[C, T]]``: float audio in [-1, 1] of the batch's
+  first example to listen to in TensorBoard (generated audio, or the mixture and separated stems), run
+  on one device with a plain model.
 """
 
 from __future__ import annotations

@@ -16,8 +16,6 @@ from dist_audio.models.sashimi import SashimiState
 
 __all__ = ["AutoregressiveObjective", "generate"]
 
-_PREVIEW_SAMPLES = 2
-
 
 @torch.inference_mode()
 def generate(model: nn.Module, head: CategoricalHead | DMLHead, *, num: int, steps: int, first_token: int,
@@ -74,18 +72,18 @@ class AutoregressiveObjective:
         return {"loss": nll, "bits_per_sample": nats_to_bits(nll)}
 
     def preview(self, model: nn.Module, batch: dict, seconds: float) -> dict[str, Tensor]:
-        """A few unconditional samples of ``seconds`` each, decoded to [C, T] float audio."""
+        """One unconditional sample of ``seconds`` (the batch only says where), decoded to [C, T] audio."""
         channels = 2 if self.interleave_stereo else 1
         steps = int(seconds * self.sample_rate) * channels
         was_training = model.training
         model.eval()
         try:
-            tokens, _ = generate(model, self.head, num=min(_PREVIEW_SAMPLES, batch["x"].shape[0]), steps=steps,
-                                 first_token=zero_level(self.bits, self.quantization))
+            first_token = zero_level(self.bits, self.quantization)
+            tokens, _ = generate(model, self.head, num=1, steps=steps, first_token=first_token)
         finally:
             model.train(was_training)
         audio = dequantize(tokens.cpu(), self.bits, self.quantization)
-        return {f"generated_{i}": deinterleave(wave, channels) for i, wave in enumerate(audio)}
+        return {"generated": deinterleave(audio[0], channels)}
 
 
 def deinterleave(wave: Tensor, channels: int) -> Tensor:

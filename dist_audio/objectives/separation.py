@@ -75,7 +75,7 @@ class SeparationObjective:
 
     @torch.no_grad()
     def preview(self, model: nn.Module, batch: dict, seconds: float) -> dict[str, torch.Tensor]:
-        """The first clip's mixture and separated stems, ``name -> [c, n]`` in [-1, 1]."""
+        """The first example's mixture and separated stems, ``name -> [c, n]`` in [-1, 1]."""
         mixture = batch["mixture"][:1, :, : max(1, round(seconds * self.sample_rate))]
         estimate = model(mixture)[0].clamp(-1, 1)
         return {"mixture": mixture[0].clamp(-1, 1), **{stem: estimate[i] for i, stem in enumerate(self.sources)}}

@@ -57,6 +57,7 @@ class TrainerState:
     oom_retries: int = 0
     micro_splits: int = 1  # auto_fit: each loaded batch is split into this many micro-batches
     schedule: dict[str, Any] = field(default_factory=dict)  # LRSchedule.state_dict()
+    loss_scale: dict[str, Any] = field(default_factory=dict)  # fp16: parallelize.loss_scale_state()
 
 
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:

@@ -54,6 +54,8 @@ __all__ = [
     "check_precision_supported",
     "clip_grad_norm",
     "fsdp2_policies",
+    "load_loss_scale_state",
+    "loss_scale_state",
     "make_accelerator",
     "plain_name",
     "setup_model_and_optimizer",
@@ -416,6 +418,33 @@ def clip_grad_norm(accelerator: Accelerator, model: nn.Module, max_norm: float) 
     return norm
 
 
+def loss_scale_state(accelerator: Accelerator, model: nn.Module) -> dict[str, Any]:
+    """The fp16 loss scaler's state as plain numbers (empty without one): torch's GradScaler /
+    ShardedGradScaler, or DeepSpeed's dynamic loss scaler. Strategy-independent, so it resumes anywhere."""
+    if accelerator.scaler is not None:
+        return {k: v for k, v in accelerator.scaler.state_dict().items() if isinstance(v, (int, float))}
+    scaler = getattr(getattr(model, "optimizer", None), "loss_scaler", None)
+    if scaler is None or not hasattr(scaler, "cur_iter"):  # DeepSpeed bf16/fp32: a static scale of 1
+        return {}
+    return {"scale": float(scaler.cur_scale), "cur_iter": int(scaler.cur_iter),
+            "last_overflow_iter": int(scaler.last_overflow_iter), "cur_hysteresis": int(scaler.cur_hysteresis)}
+
+
+def load_loss_scale_state(accelerator: Accelerator, model: nn.Module, state: dict[str, Any]) -> None:
+    """Restore what ``loss_scale_state`` returned, into whichever scaler this run has."""
+    if not state:
+        return
+    if accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict({**accelerator.scaler.state_dict(), **state})
+        return
+    scaler = getattr(getattr(model, "optimizer", None), "loss_scaler", None)
+    if scaler is not None and hasattr(scaler, "cur_iter"):
+        scaler.cur_scale = state["scale"]
+        for key in ("cur_iter", "last_overflow_iter", "cur_hysteresis"):
+            if key in state:
+                setattr(scaler, key, state[key])
+
+
 # --------------------------------------------------------------------------------------------------
 # the portable training state of each strategy
 # --------------------------------------------------------------------------------------------------
@@ -557,7 +586,14 @@ class _DeepSpeedState(StateHolder):
                 state["step"] = steps
 
     def full_weights(self, comm_device: torch.device) -> dict[str, Tensor]:
-        return {name: self.full_parameter(param).cpu() for name, param in self.named_parameters()}
+        """The working weights, as fp32 (ZeRO-3: all partitions gathered in one collective)."""
+        import deepspeed
+
+        params = self.named_parameters()
+        gathered = (deepspeed.zero.GatheredParameters([p for _, p in params]) if hasattr(params[0][1], "ds_id")
+                    else contextlib.nullcontext())
+        with gathered:
+            return {name: param.detach().float().cpu().clone() for name, param in params}
 
 
 def state_holder(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,

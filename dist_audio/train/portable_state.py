@@ -23,9 +23,12 @@ loading a checkpoint never runs code from it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import pickle
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +90,8 @@ class StateHolder:
 
     def save(self, directory: str | Path) -> None:
         """Write the state into ``directory`` (collective; every rank writes its shards)."""
-        dcp.save(self.state_dict(), checkpoint_id=str(directory))
+        with _quiet_single_process():
+            dcp.save(self.state_dict(), checkpoint_id=str(directory), no_dist=not dist.is_initialized())
 
     def load(self, directory: str | Path) -> None:
         """Read ``directory`` into this run's layout, resharding as needed (collective)."""
@@ -98,13 +102,22 @@ class StateHolder:
         if missing:
             raise KeyError(f"{directory} lacks {len(missing)} state entries, e.g. {missing[0]} "
                            "(a checkpoint of another model?)")
-        dcp.load(targets, storage_reader=reader)
+        with _quiet_single_process():
+            dcp.load(targets, storage_reader=reader, no_dist=not dist.is_initialized())
         self.load_parameter_entries(targets)
         for name, buffer in self.buffers().items():
             buffer.copy_(targets[f"buffer/{name}"])
         self.set_optimizer_steps(int(targets[STEP_KEY]))
         if self.ema is not None:
             self.ema.load_portable({k[len("ema/"):]: v for k, v in targets.items() if k.startswith("ema/")})
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every call without a process group that it assumes one process: it is right."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+        yield
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,15 +205,12 @@ class SafeFileSystemReader(dcp.FileSystemReader):
 def read_full_state(directory: str | Path, prefix: str) -> dict[str, Tensor]:
     """Every entry under ``prefix`` (e.g. ``"model/"``) as a full CPU tensor, keyed without the prefix;
     one process, no process group."""
-    import warnings
-
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     reader = SafeFileSystemReader(str(directory))
     entries = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
                for key, meta in reader.read_metadata().state_dict_metadata.items()
                if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
+    with _quiet_single_process():
         dcp.load(entries, storage_reader=reader, no_dist=True)
     return {key[len(prefix):]: value for key, value in entries.items()}

@@ -44,6 +44,7 @@ from dist_audio.train.tracking import Tracking, peak_memory_gib
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+PREVIEW_EXAMPLES = 2  # validation examples turned into audio at each validation
 
 
 class TrainingError(RuntimeError):
@@ -114,6 +115,7 @@ class Trainer:
         """Restore model, optimizer, schedule, EMA, RNG and the data position from ``checkpoint``."""
         self.state = load_checkpoint(self.accelerator, checkpoint, self.training_state)
         self.schedule.load_state_dict(self.state.schedule)
+        parallelize.load_loss_scale_state(self.accelerator, self.model, self.state.loss_scale)
         self.auto_fit.splits, self.auto_fit.retries = self.state.micro_splits, self.state.oom_retries
         self.resumed_from = checkpoint
 
@@ -202,10 +204,11 @@ class Trainer:
         values = torch.stack([loss, *(metrics[k] for k in names)]).double()
         values = accelerator.reduce(values, reduction="mean").tolist()
         finite = math.isfinite(values[0]) and math.isfinite(grad_norm)
-        if finite or accelerator.scaler is not None:  # fp16: the scaler must see every step to adapt
+        loss_scaled = self.cfg.train.mixed_precision == "fp16"
+        if finite or loss_scaled:  # fp16: the loss scaler (or DeepSpeed's) must see every step to adapt
             self.optimizer.step()
         applied = finite and not accelerator.optimizer_step_was_skipped
-        overflow = not applied and accelerator.scaler is not None and math.isfinite(values[0])
+        overflow = not applied and loss_scaled and math.isfinite(values[0])
         if applied:
             self.schedule.step()
             if self.ema is not None:
@@ -297,28 +300,30 @@ class Trainer:
         return averages
 
     def preview(self, batch: Batch) -> None:
-        """Audio of the first validation sample (generated or separated) to listen to in TensorBoard,
-        made on the main process alone. Sharded parameters (ZeRO-3, FSDP) are first gathered into a
-        temporary single-device copy: recurrent generation runs outside ``forward`` and its hooks."""
+        """Audio of the first ``PREVIEW_EXAMPLES`` validation examples (generated or separated) to listen to
+        in TensorBoard, spread over the ranks so none waits long for another (rank r previews examples
+        r, r + world, ...), then gathered to the main process. Sharded or low-precision weights are gathered
+        once into a plain fp32 copy: recurrent generation runs outside ``forward`` and its hooks."""
+        accelerator = self.accelerator
         if self.strategy.sharded_params or self.strategy.param_dtype != "fp32":
-            weights = self.training_state.full_weights(self.accelerator.device)  # collective
-            if not self.accelerator.is_main_process:
-                return
             model = build_model(self.cfg.model)
-            model.load_state_dict(weights)
-            model.to(self.accelerator.device).eval()
-        elif self.accelerator.is_main_process:
-            model = self.accelerator.unwrap_model(self.model)
+            model.load_state_dict(self.training_state.full_weights(accelerator.device))  # collective
+            model.to(accelerator.device).eval()
         else:
-            return
-        first = split_batch(batch, batch_size(batch))[0]
-        torch.manual_seed(self.cfg.train.seed)  # the same preview noise at every validation
-        clips = self.objective.preview(model, first, self.cfg.log.audio_seconds)
-        self.tracking.audio(clips, self.sample_rate, self.state.step)
+            model = accelerator.unwrap_model(self.model)
+        examples = split_batch(batch, batch_size(batch))
+        clips = {}
+        for index in range(accelerator.process_index, min(PREVIEW_EXAMPLES, len(examples)), accelerator.num_processes):
+            torch.manual_seed(self.cfg.train.seed + index)  # the same preview noise at every validation
+            clips |= {f"{name}/{index}": clip.cpu() for name, clip in
+                      self.objective.preview(model, examples[index], self.cfg.log.audio_seconds).items()}
+        gathered = {name: clip for part in gather_object([clips]) for name, clip in part.items()}
+        self.tracking.audio(gathered, self.sample_rate, self.state.step)
 
     def save(self) -> Path:
         self.state.micro_splits, self.state.oom_retries = self.auto_fit.splits, self.auto_fit.retries
         self.state.schedule = self.schedule.state_dict()
+        self.state.loss_scale = parallelize.loss_scale_state(self.accelerator, self.model)
         self.state.samples_seen = [int(n) for n in gather_object([self.state.samples_seen[
             self.accelerator.process_index]])]
         start = time.perf_counter()

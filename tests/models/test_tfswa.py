@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -64,6 +65,28 @@ def test_identity_masks_return_the_mixture(length, monkeypatch):
     mix = torch.randn(1, 2, length) * 0.5
     monkeypatch.setattr(model, "estimate", lambda mag: torch.ones(mag.shape[0], 2, *mag.shape[1:]))
     out = model(mix)
+    assert (out - mix.unsqueeze(1)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("precision", ["bf16 parameters", "bf16 autocast"])
+def test_identity_masks_return_the_mixture_with_bf16_compute(precision):
+    """The network runs in bf16 and outputs masks of exactly one; the STFT, masking and iSTFT stay fp32."""
+    torch.manual_seed(0)
+    model = TFSWAUNet(sources=2, channels=2, n_fft=512, hop=128, dims=(8, 16), depths=(1, 1), heads=2)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(30.0)  # sigmoid(30) == 1 in fp32
+    mix = torch.randn(1, 2, 16000) * 0.5
+    if precision == "bf16 parameters":  # as DeepSpeed casts them: parameters only, buffers stay fp32
+        for param in model.parameters():
+            param.data = param.data.bfloat16()
+        context = contextlib.nullcontext()
+    else:
+        context = torch.autocast("cpu", dtype=torch.bfloat16)
+    with context:
+        out = model(mix)
+    assert model.stem.weight.dtype == (torch.bfloat16 if precision == "bf16 parameters" else torch.float32)
+    assert out.dtype == torch.float32
     assert (out - mix.unsqueeze(1)).abs().max() < 1e-5
 
 

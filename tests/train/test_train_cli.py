@@ -102,20 +102,34 @@ def test_check_validates_without_training(make_cfg, capsys):
     assert "'train.name'" in capsys.readouterr().err
 
 
+def test_fp16_without_a_gpu_is_a_config_error_naming_the_key(make_cfg, capsys):
+    path, overrides, cfg = make_cfg("sashimi", "train.mixed_precision=fp16")
+    assert launch_train.main(cli_args(path, overrides)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'train.mixed_precision'" in err and "fp16 needs a CUDA GPU" in err
+    assert not cfg.run_dir.exists()
+
+
+@pytest.mark.parametrize("word", ["no", "fp32"])
+def test_no_and_fp32_precision_are_accepted_on_the_command_line(make_cfg, word):
+    path, overrides, _ = make_cfg("sashimi")
+    assert launch_train.main(cli_args(path, overrides, "--check") + ["--set", f"train.mixed_precision={word}"]) == 0
+
+
 KILLED_WHILE_CHECKPOINTING = textwrap.dedent("""
     import sys, time
-    from dist_audio.train import parallelize
+    from dist_audio.train.portable_state import StateHolder
     from launch import train
 
-    save = parallelize.save_training_state
+    save = StateHolder.save
 
-    def save_then_hang(accelerator, directory):
-        save(accelerator, directory)
-        if directory.name == ".tmp-step-4":
+    def save_then_hang(self, directory):
+        save(self, directory)
+        if directory.parent.name == ".tmp-step-4":
             print("WRITING step 4", flush=True)
             time.sleep(300)
 
-    parallelize.save_training_state = save_then_hang
+    StateHolder.save = save_then_hang
     sys.exit(train.main(sys.argv[1:]))
 """)
 
