@@ -113,7 +113,7 @@ def test_fp16_without_a_gpu_is_a_config_error_naming_the_key(make_cfg, capsys):
 @pytest.mark.parametrize("word", ["no", "fp32"])
 def test_no_and_fp32_precision_are_accepted_on_the_command_line(make_cfg, word):
     path, overrides, _ = make_cfg("sashimi")
-    assert launch_train.main(cli_args(path, overrides, "--check") + ["--set", f"train.mixed_precision={word}"]) == 0
+    assert launch_train.main([*cli_args(path, overrides, "--check"), "--set", f"train.mixed_precision={word}"]) == 0
 
 
 KILLED_WHILE_CHECKPOINTING = textwrap.dedent("""
