@@ -10,7 +10,7 @@ other rank and the soak restarts the same command with ``--resume auto``. After 
 left to finish. Checks at the end:
 
 - the newest checkpoint is at ``--steps``; AdamW's own step counter in it equals ``--steps`` minus the
-  skipped steps, and every rank's ``samples_seen`` equals ``--steps`` × batch size: no optimizer update
+  skipped steps, and ``samples_seen`` equals ``--steps`` × batch size × processes: no optimizer update
   and no batch was applied twice or lost;
 - the steps each attempt kept (up to the checkpoint the next attempt resumed from) tile 1..``--steps``
   exactly once;
@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "tests/reliability/faulty_train.py"
@@ -160,20 +159,20 @@ def kill_tree(launcher: subprocess.Popen) -> None:
 
 def verify(args: argparse.Namespace, run_dir: Path, attempts: list[Attempt]) -> dict:
     """The end-of-soak checks; returns the figures for the report (raises AssertionError on failure)."""
-    from dist_audio.train.checkpoint import latest_checkpoint
+    from dist_audio.train.checkpoint import STATE_DIR, latest_checkpoint
+    from dist_audio.train.portable_state import read_full_state
 
     final = latest_checkpoint(run_dir)
     state = json.loads((final / "trainer_state.json").read_text())
-    optimizer = torch.load(final / "optimizer.bin", map_location="cpu", weights_only=True)
-    adam_steps = {int(s["step"]) for s in optimizer["state"].values()}
+    adam_steps = {int(read_full_state(final / STATE_DIR, "optim/")["step"])}
     batch = 4  # configs/sashimi/debug.yaml data.batch_size, grad_accum 1
     problems = []
     if state["step"] != args.steps:
         problems.append(f"final checkpoint at step {state['step']}, target {args.steps}")
     if adam_steps != {args.steps - state["skipped_steps"]}:
         problems.append(f"AdamW step counters {adam_steps}, expected {args.steps - state['skipped_steps']}")
-    if state["samples_seen"] != [args.steps * batch] * args.processes:
-        problems.append(f"samples_seen {state['samples_seen']}, expected {args.steps * batch} per rank")
+    if state["samples_seen"] != args.steps * batch * args.processes:
+        problems.append(f"samples_seen {state['samples_seen']}, expected {args.steps * batch * args.processes}")
     started = [a for a in attempts if a.start_step >= 0]
     kept: list[int] = []
     for attempt, following in zip(started, [*started[1:], None]):

@@ -16,8 +16,9 @@ import sys
 from dist_audio.config import ConfigError, load_config
 from dist_audio.data import CorruptDataError
 from dist_audio.train.auto_fit import AutoFitExhausted
-from dist_audio.train.checkpoint import CheckpointError, check_run_dir
+from dist_audio.train.checkpoint import CheckpointError, check_run_dir, latest_checkpoint
 from dist_audio.train.parallelize import StrategyError, check_precision_supported
+from dist_audio.train.resume import check_resume
 from dist_audio.train.trainer import TrainingError, run_test_mode, run_training
 
 
@@ -28,7 +29,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run config YAML (configs/sashimi/*.yaml, configs/tfswa/*.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set optim.lr=3e-4 (repeatable)")
-    parser.add_argument("--resume", choices=["auto"], help="continue from the newest complete checkpoint of the run")
+    parser.add_argument("--resume", choices=["auto"],
+                        help="continue from the newest complete checkpoint of the run, on any number of processes "
+                             "and under any strategy")
+    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                        help="with --resume: accept a change of KEY that alters what the run computes "
+                             "(e.g. data.batch_size); repeatable")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory and start over")
     parser.add_argument("--check", action="store_true",
                         help="only validate the config, its shards and the run directory, then exit 0 or 2 "
@@ -48,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.set, check_data=True)
         check_precision_supported(cfg.train)
+        resume = args.resume == "auto" and not args.test_mode
         if not args.test_mode:
-            check_run_dir(cfg.run_dir, resume=args.resume == "auto", overwrite=args.overwrite)
+            check_run_dir(cfg.run_dir, resume=resume, overwrite=args.overwrite)
+        checkpoint = latest_checkpoint(cfg.run_dir) if resume and not args.overwrite else None
+        changes = check_resume(checkpoint, cfg, args.allow_change) if checkpoint else []
     except ConfigError as err:
         if speaks:
             print(f"error: {err}", file=sys.stderr)
@@ -62,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.test_mode:
             run_test_mode(cfg)
         else:
-            run_training(cfg, resume=args.resume == "auto", overwrite=args.overwrite)
+            run_training(cfg, resume=resume, overwrite=args.overwrite, changes=changes)
     except (ConfigError, StrategyError) as err:
         if speaks:
             print(f"error: {err}", file=sys.stderr)

@@ -51,7 +51,10 @@ class TrainerState:
     step: int = 0  # optimizer steps taken (skipped non-finite steps included)
     epoch: int = 0
     batch_in_epoch: int = 0  # loaded batches of this epoch already consumed (equal on every rank)
-    samples_seen: list[int] = field(default_factory=list)  # per rank
+    samples_seen: int = 0  # training samples of all ranks, skipped steps included
+    global_batch: int = 0  # samples per optimizer step, all ranks: kept by a resume on another world size
+    world_size: int = 0  # processes that wrote the checkpoint
+    strategy: str = ""  # what it was written under, e.g. "FSDP2 (fully_shard) x 2"
     skipped_samples: int = 0  # corrupt samples the loader skipped, all ranks
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient
     oom_retries: int = 0

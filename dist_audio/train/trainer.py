@@ -39,6 +39,7 @@ from dist_audio.train.checkpoint import (
     save_checkpoint,
 )
 from dist_audio.train.optim import LRSchedule, make_optimizer
+from dist_audio.train.resume import BatchPlan, ResumeChange, batch_plan, checkpoint_global_batch
 from dist_audio.train.tracking import Tracking, peak_memory_gib
 
 logger = logging.getLogger(__name__)
@@ -75,10 +76,19 @@ class TrainResult:
 
 class Trainer:
     """Trains ``cfg.model`` on ``cfg.data`` with the strategy of ``accelerator``; ``resume`` continues
-    from the newest complete checkpoint of the run directory when there is one."""
+    from the newest complete checkpoint of the run directory when there is one.
 
-    def __init__(self, cfg: RunConfig, accelerator: Accelerator, *, resume: bool = False):
-        self.cfg = cfg
+    ``batch`` says how each step's global batch is cut on this world size (default: as ``cfg`` says; a
+    resume on another world size keeps the checkpoint's global batch, see ``resume.batch_plan``); the
+    accelerator must have been made for it. ``changes`` are the accepted config changes of a resume,
+    listed at start. Checkpoints store ``cfg`` as given, not as re-cut."""
+
+    def __init__(self, cfg: RunConfig, accelerator: Accelerator, *, resume: bool = False,
+                 batch: BatchPlan | None = None, changes: list[ResumeChange] | tuple = ()):
+        self.config = cfg
+        self.batch = batch or batch_plan(cfg, accelerator.num_processes)
+        self.cfg = cfg = self.batch.apply(cfg)
+        self.changes = list(changes)
         self.accelerator = accelerator
         self.run_dir = cfg.run_dir
         if cfg.train.auto_fit and accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -98,7 +108,7 @@ class Trainer:
 
             self.ema = ShardedEMA(self.model, cfg.optim.ema_decay, accelerator.device)
         self.training_state = parallelize.state_holder(accelerator, self.model, self.optimizer, self.ema)
-        self.state = TrainerState(samples_seen=[0] * accelerator.num_processes)
+        self.state = TrainerState()
         self.auto_fit = AutoFit(cfg.train.auto_fit)
         self.resumed_from: Path | None = None
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
@@ -130,7 +140,7 @@ class Trainer:
         last_step = min(cfg.train.max_steps, until_step or cfg.train.max_steps)
         if accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(self.config, self.run_dir / "config.yaml")
         self.log_startup()
         result = TrainResult(step=state.step)
         window = _Window()
@@ -148,6 +158,7 @@ class Trainer:
                 window.add(step, time.perf_counter() - start, data_time)
                 result.losses[state.step] = step.loss
                 state.skipped_samples += step.skipped_samples
+                state.samples_seen += step.samples
                 bar.update(1)
                 bar.set_postfix(loss=f"{step.loss:.4f}")
                 if step.applied:
@@ -214,7 +225,6 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(self.model)
         self.optimizer.zero_grad(set_to_none=True)
-        self.state.samples_seen[accelerator.process_index] += sum(batch_size(b) for b in loaded)
         return StepResult(loss=values[0], metrics=dict(zip(names, values[1:])), grad_norm=grad_norm,
                           applied=applied, loss_scale_overflow=overflow, samples=int(counts[0]),
                           skipped_samples=int(counts[1]))
@@ -324,10 +334,10 @@ class Trainer:
         self.state.micro_splits, self.state.oom_retries = self.auto_fit.splits, self.auto_fit.retries
         self.state.schedule = self.schedule.state_dict()
         self.state.loss_scale = parallelize.loss_scale_state(self.accelerator, self.model)
-        self.state.samples_seen = [int(n) for n in gather_object([self.state.samples_seen[
-            self.accelerator.process_index]])]
+        self.state.global_batch, self.state.world_size = self.batch.global_batch, self.accelerator.num_processes
+        self.state.strategy = self.strategy_name()
         start = time.perf_counter()
-        path = save_checkpoint(self.accelerator, self.run_dir, self.cfg, self.state, self.training_state,
+        path = save_checkpoint(self.accelerator, self.run_dir, self.config, self.state, self.training_state,
                                self.cfg.train.keep_last)
         logger.info("checkpoint %s written in %.1f s", path, time.perf_counter() - start)
         return path
@@ -370,20 +380,27 @@ class Trainer:
             scalars.update({f"mem/peak_gib/rank{rank}": peak for rank, peak in enumerate(peaks)})
         return scalars
 
+    def strategy_name(self) -> str:
+        """E.g. ``DEEPSPEED ZeRO-3 x 2``: what a checkpoint records it was written under."""
+        info = self.strategy
+        stage = f" ZeRO-{info.zero_stage}" if info.zero_stage is not None else ""
+        offload = " + offload" if info.offload_params or info.offload_optimizer else ""
+        return f"{info.distributed_type}{stage}{offload} x {info.world_size}"
+
     def log_startup(self) -> None:
-        cfg, accelerator, state = self.cfg, self.accelerator, self.state
-        per_rank = cfg.data.batch_size * cfg.train.grad_accum
-        global_batch = per_rank * accelerator.num_processes
+        cfg, state, batch = self.cfg, self.state, self.batch
         lines = [
             f"run directory: {self.run_dir}",
             *self.strategy.summary_lines(),
-            f"batch: {cfg.data.batch_size} per micro-step x {cfg.train.grad_accum} accumulation x "
-            f"{accelerator.num_processes} processes = {global_batch} samples "
-            f"({global_batch * cfg.data.segment_seconds:g} s of audio) per optimizer step"
+            f"batch: {batch.describe()} ({batch.global_batch * cfg.data.segment_seconds:g} s of audio)"
             + (f"; auto_fit splits each loaded batch in {self.auto_fit.splits}" if self.auto_fit.splits > 1 else ""),
             f"steps: {state.step} -> {cfg.train.max_steps}"
             + (f" (resumed from {self.resumed_from})" if self.resumed_from else ""),
         ]
+        if self.resumed_from is not None and state.strategy and state.strategy != self.strategy_name():
+            lines.append(f"resumed under another strategy: {state.strategy} -> {self.strategy_name()}")
+        lines += [f"resumed with a changed config: {change}" + (" (allowed by --allow-change)" if change.breaking
+                                                                else "") for change in self.changes]
         logger.info("training setup\n  %s", "\n  ".join(lines))
 
     def install_signal_handlers(self) -> dict[int, Any]:
@@ -459,11 +476,18 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
                                         log_with=["tensorboard"] if cfg.log.tensorboard else None)
 
 
-def run_training(cfg: RunConfig, *, resume: bool, overwrite: bool) -> TrainResult:
-    """Train ``cfg`` in its run directory (created, or emptied first with ``overwrite``)."""
-    accelerator = make_accelerator(cfg)
+def run_training(cfg: RunConfig, *, resume: bool, overwrite: bool, changes: list[ResumeChange] | tuple = ()
+                 ) -> TrainResult:
+    """Train ``cfg`` in its run directory (created, or emptied first with ``overwrite``); a resume keeps
+    the checkpoint's global batch on whatever number of processes runs now, unless ``changes`` (accepted
+    by ``resume.check_resume``) change the batch size."""
+    checkpoint = latest_checkpoint(cfg.run_dir) if resume and not overwrite else None
+    keeps_batch = not any(change.key in ("data.batch_size", "train.grad_accum") for change in changes)
+    global_batch = checkpoint_global_batch(checkpoint) if checkpoint is not None and keeps_batch else None
+    batch = batch_plan(cfg, int(os.environ.get("WORLD_SIZE", "1")), global_batch)
+    accelerator = make_accelerator(batch.apply(cfg))
     prepare_run_dir(accelerator, cfg.run_dir, overwrite=overwrite)
-    result = Trainer(cfg, accelerator, resume=resume).train()
+    result = Trainer(cfg, accelerator, resume=resume, batch=batch, changes=changes).train()
     accelerator.end_training()
     return result
 

@@ -103,7 +103,7 @@ def main() -> None:
             ema.update(model)
         losses.append(accelerator.reduce(loss.detach(), "mean").item())
         if step == args.save_at:
-            state = TrainerState(step=step, samples_seen=[step * per_rank] * world)
+            state = TrainerState(step=step, samples_seen=step * args.global_batch)
             path = save_checkpoint(accelerator, cfg.run_dir, cfg, state, holder, keep_last=2)
             weights = holder.full_weights(accelerator.device)
             ema_weights = ema.full_weights() if ema else None
