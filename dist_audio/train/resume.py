@@ -26,8 +26,8 @@ import yaml
 
 from dist_audio.config import ConfigError, RunConfig, config_from_dict, config_to_dict
 
-__all__ = ["BREAKING", "BatchPlan", "ResumeChange", "ResumeConflict", "batch_plan", "check_resume", "checkpoint_global_batch",
-           "config_changes", "stored_config"]
+__all__ = ["BREAKING", "BatchPlan", "ResumeChange", "ResumeConflict", "batch_plan", "check_resume",
+           "checkpoint_global_batch", "config_changes", "stored_config"]
 
 # Keys (or section prefixes ending in ".") whose change alters what the run computes.
 BREAKING = (
