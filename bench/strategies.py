@@ -39,6 +39,7 @@ from dist_audio.objectives import build_objective  # noqa: E402
 
 CONFIG = ROOT / "configs" / "sashimi" / "seed-000.yaml"
 STRATEGIES = ["ddp", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_offload"]
+SEED_000_MONO = ("data.interleave_stereo=false",)
 
 
 def token_batch(batch: int, length: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -53,31 +54,47 @@ def token_batch(batch: int, length: int, seed: int = 0) -> dict[str, torch.Tenso
 
 
 def strategy_worker(args: argparse.Namespace) -> None:
+    """Optimizer steps of ``--config`` at ``--batch`` × ``--length`` per rank under the launched strategy."""
     import resource
 
-    from dist_audio.train.parallelize import make_accelerator, setup_model_and_optimizer
+    from dist_audio.plan.planner import config_workload
+    from dist_audio.train.parallelize import (
+        LaunchStrategy,
+        clip_grad_norm,
+        make_accelerator,
+        setup_model_and_optimizer,
+    )
 
-    cfg = load_config(CONFIG, ["data.shards=unused", "data.interleave_stereo=false"])
+    cfg = load_config(args.config, ["data.shards=unused", f"train.mixed_precision={args.precision}", *args.set])
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     torch.manual_seed(0)
     model, objective = build_model(cfg.model), build_objective(cfg.model, cfg.data)
-    accelerator = make_accelerator(cfg.train, args.batch, grad_clip=1.0, tensorboard=False)
+    strategy = LaunchStrategy.from_environment()
+    accelerator = make_accelerator(cfg.train, strategy, args.batch, grad_clip=1.0,
+                                   deepspeed_cpu_adam=not args.torch_adam)
     model, optimizer, info = setup_model_and_optimizer(
-        accelerator, model, lambda m: torch.optim.AdamW(m.param_groups(0.01), lr=1e-3), cfg.train)
-    times = []
+        accelerator, strategy, model, lambda m: torch.optim.AdamW(m.param_groups(0.01), lr=1e-3), cfg.train)
+    make_batch = config_workload(cfg).make_batch
+    times, optimizer_times = [], []
     for step in range(args.steps + 1):
-        batch = token_batch(args.batch, args.length, seed=step * 10 + accelerator.process_index)
+        torch.manual_seed(step * 10 + accelerator.process_index)
+        batch = make_batch(args.batch, args.length)
         start = time.perf_counter()
         loss, _ = objective.loss(model, batch)
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        clip_grad_norm(accelerator, model, 1.0)
+        optimizer_start = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad()
         accelerator.wait_for_everyone()
         if step:  # the first step builds kernels and buffers
             times.append(time.perf_counter() - start)
+            optimizer_times.append(time.perf_counter() - optimizer_start)
     states = model_state_bytes(model, optimizer)
-    result = {"info": info.summary_lines(), "step_s": statistics.median(times), **states,
-              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = {"info": info.summary_lines(), "step_s": statistics.median(times),
+              "optimizer_s": statistics.median(optimizer_times), **states, "peak_rss_mib": peak,
+              "peak_rss_above_start_mib": peak - baseline}
     Path(args.out, f"rank{accelerator.process_index}.json").write_text(json.dumps(result))
     accelerator.end_training()
 
@@ -116,15 +133,18 @@ def model_state_bytes(model, optimizer) -> dict[str, float]:
             "optim_state_mib": state / mib}
 
 
-def run_strategy(name: str, args: argparse.Namespace) -> list[dict]:
+def run_strategy(name: str, *, config: Path = CONFIG, precision: str = "no", batch: int = 2, length: int = 1024,
+                 steps: int = 3, overrides: tuple[str, ...] = (), torch_adam: bool = False) -> list[dict]:
+    """``strategy_worker`` under ``accelerate launch`` with 2 processes; each rank's result."""
     with tempfile.TemporaryDirectory() as out, socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         sock.close()
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    str(ROOT / "configs" / "accelerate" / f"{name}.yaml"), "--num_processes", "2",
-                   "--main_process_port", str(port), __file__, "--worker", "--out", out,
-                   "--steps", str(args.steps), "--length", str(args.length), "--batch", str(args.batch)]
+                   "--main_process_port", str(port), __file__, "--worker", "--out", out, "--config", str(config),
+                   "--precision", precision, "--steps", str(steps), "--length", str(length), "--batch", str(batch),
+                   *(["--torch-adam"] if torch_adam else []), *[a for item in overrides for a in ("--set", item)]]
         env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
@@ -187,6 +207,10 @@ def main() -> None:
     parser.add_argument("--ac-length", type=int, default=8192, help="tokens for the checkpointing trade-off")
     parser.add_argument("--ac-repeats", type=int, default=3, help="timed forward+backward per mode (min taken)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--config", default=str(CONFIG), help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="no", help=argparse.SUPPRESS)
+    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--torch-adam", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         strategy_worker(args)
@@ -200,8 +224,9 @@ def main() -> None:
              "| strategy | in effect | step s | params MiB/rank | fp32 master MiB/rank | AdamW MiB/rank "
              "| model states MiB/rank | peak RSS MiB (rank 0, 1) |",
              "|---|---|---|---|---|---|---|---|"]
+    shape = dict(batch=args.batch, length=args.length, steps=args.steps, overrides=SEED_000_MONO)
     for name in args.strategies:
-        ranks = run_strategy(name, args)
+        ranks = run_strategy(name, **shape)
         r0 = ranks[0]
         total = r0["params_mib"] + r0["master_mib"] + r0["optim_state_mib"]
         effect = r0["info"][0].removeprefix("strategy: ") + "; " + r0["info"][2]
@@ -209,6 +234,15 @@ def main() -> None:
                      f"{r0['master_mib']:.1f} | {r0['optim_state_mib']:.1f} | {total:.1f} | "
                      + ", ".join(f"{r['peak_rss_mib']:.0f}" for r in ranks) + " |")
         print(lines[-1], flush=True)
+    if "zero3_offload" in args.strategies:  # the offloaded optimizer step: DeepSpeed's CPU Adam vs torch AdamW
+        lines += ["", "Offloaded ZeRO-3 optimizer step, median over the timed steps (same run shape):", "",
+                  "| optimizer on the CPU partitions | optimizer step s (rank 0, 1) | whole step s |", "|---|---|---|"]
+        for torch_adam in (False, True):
+            ranks = run_strategy("zero3_offload", torch_adam=torch_adam, **shape)
+            lines.append(f"| {'torch AdamW' if torch_adam else 'DeepSpeedCPUAdam (default)'} | "
+                         + ", ".join(f"{r['optimizer_s']:.3f}" for r in ranks)
+                         + f" | {max(r['step_s'] for r in ranks):.2f} |")
+            print(lines[-1], flush=True)
     rows = checkpointing_tradeoff(args.ac_length, args.ac_repeats)
     base = rows[0]
     lines += ["", f"## (b) activation checkpointing, seed-000 SaShiMi, 1 x {args.ac_length} tokens, one process",
