@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,6 +260,9 @@ def shard_with_fsdp2(model: nn.Module, mesh: Any, *, mixed_precision: str = "no"
     from torch.distributed.fsdp import fully_shard
 
     policies = fsdp2_policies(mixed_precision, offload, torch.device(mesh.device_type))
+    # Linear layers on [b, l, h] and reshapes return views; the objectives never modify outputs in place,
+    # which is what this warning (raised at every forward) is about
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     if mixed_precision in HALF_DTYPES:
         for module in fp32_modules(model):
             fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward, **policies["fp32"])
