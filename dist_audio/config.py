@@ -244,6 +244,7 @@ class TrainConfig:
     seed: int = 0
     auto_fit: bool = False  # on CUDA OOM halve the micro-batch and double grad_accum, then retry
     max_nonfinite_steps: int = 5  # consecutive skipped (non-finite) steps before the run stops
+    sample_log: bool = False  # <run_dir>/samples.jsonl: the sample keys and crop offsets of every step
 
     def __post_init__(self) -> None:
         if self.mixed_precision == "fp32":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import math
 import os
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 PREVIEW_EXAMPLES = 2  # validation examples turned into audio at each validation
+SAMPLE_LOG = "samples.jsonl"  # train.sample_log: one line per optimizer step
 
 
 class TrainingError(RuntimeError):
@@ -122,8 +124,13 @@ class Trainer:
         self.tracking = Tracking(accelerator, cfg.log, self.run_dir)
 
     def resume_from(self, checkpoint: Path) -> None:
-        """Restore model, optimizer, schedule, EMA, RNG and the data position from ``checkpoint``."""
+        """Restore model, optimizer, schedule, EMA, RNG and the data position from ``checkpoint``; the
+        sample log forgets the steps after it (they will be run again)."""
         self.state = load_checkpoint(self.accelerator, checkpoint, self.training_state)
+        log = self.run_dir / SAMPLE_LOG
+        if self.accelerator.is_main_process and log.is_file():
+            kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.state.step]
+            log.write_text("".join(line + "\n" for line in kept))
         self.schedule.load_state_dict(self.state.schedule)
         parallelize.load_loss_scale_state(self.accelerator, self.model, self.state.loss_scale)
         self.auto_fit.splits, self.auto_fit.retries = self.state.micro_splits, self.state.oom_retries
@@ -155,6 +162,8 @@ class Trainer:
                 data_time = time.perf_counter() - start
                 step = self.train_step(loaded)
                 state.step += 1
+                if cfg.train.sample_log:
+                    self.log_samples(loaded)
                 window.add(step, time.perf_counter() - start, data_time)
                 result.losses[state.step] = step.loss
                 state.skipped_samples += step.skipped_samples
@@ -379,6 +388,14 @@ class Trainer:
         if len(peaks) > 1:
             scalars.update({f"mem/peak_gib/rank{rank}": peak for rank, peak in enumerate(peaks)})
         return scalars
+
+    def log_samples(self, loaded: list[Batch]) -> None:
+        """Append this step's whole global batch (``<key>@<start frame>`` of every rank) to
+        ``samples.jsonl``: the record that a resumed run on any world size saw the same data."""
+        keys = [key for part in gather_object([[k for b in loaded for k in b["keys"]]]) for key in part]
+        if self.accelerator.is_main_process:
+            with open(self.run_dir / SAMPLE_LOG, "a") as log:
+                log.write(json.dumps({"step": self.state.step, "samples": keys}) + "\n")
 
     def strategy_name(self) -> str:
         """E.g. ``DEEPSPEED ZeRO-3 x 2``: what a checkpoint records it was written under."""

@@ -36,5 +36,5 @@ def test_fsdp2_units_gather_in_the_run_precision_and_keep_fp32_modules_and_reduc
 def test_fp16_needs_cuda():
     check_precision_supported(TrainConfig(mixed_precision="fp16"), cuda=True)
     check_precision_supported(TrainConfig(mixed_precision="bf16"), cuda=False)
-    with pytest.raises(ConfigError, match="train.mixed_precision"):
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision"):
         check_precision_supported(TrainConfig(mixed_precision="fp16"), cuda=False)
