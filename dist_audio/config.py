@@ -169,8 +169,7 @@ class DataConfig:
     batch_size: int = 8  # per rank, per micro-step
     segment_seconds: float = 1.0  # length of one training crop
     num_workers: int = 0
-    shuffle_buffer: int = 256  # samples held for shuffling
-    epoch_batches: int = 0  # batches per rank in one training epoch; 0 = from the manifest
+    shuffle_buffer: int = 256  # samples per window of the epoch order that is shuffled (0 or 1: none)
     # autoregressive (SaShiMi) token settings
     bits: int = 8
     quantization: Literal["mu-law", "linear"] = "mu-law"
@@ -181,7 +180,7 @@ class DataConfig:
     remix_gain: list[float] = field(default_factory=lambda: [0.25, 1.25])  # per-stem gain range [low, high]
     # corrupt input tolerance: stop if more than this fraction of a window of samples is bad
     max_bad_fraction: float = 0.01
-    bad_window: int = 1000  # samples per window (counted per loader stream)
+    bad_window: int = 1000  # samples per window (counted per loader worker)
 
     def validate(self, key: str) -> None:
         _check(bool(self.shards), f"{key}.shards", "required: the directory made by `python -m data_prep.shard`")
@@ -189,7 +188,6 @@ class DataConfig:
         _check(self.segment_seconds > 0, f"{key}.segment_seconds", "must be > 0")
         _check(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
         _check(self.shuffle_buffer >= 0, f"{key}.shuffle_buffer", "must be >= 0")
-        _check(self.epoch_batches >= 0, f"{key}.epoch_batches", "must be >= 0")
         _check(1 <= self.bits <= 16, f"{key}.bits", "must be in 1..16")
         _check(0.0 <= self.max_bad_fraction <= 1.0, f"{key}.max_bad_fraction", "must be in [0, 1]")
         _check(self.bad_window > 0, f"{key}.bad_window", "must be > 0")

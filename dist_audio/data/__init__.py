@@ -1,4 +1,4 @@
-"""Shards → per-rank streaming batches (crop by seek, quantize, remix); see ``loader`` for the epoch layout."""
+"""Shards → per-rank batches in one global order (crop by seek, quantize, remix); see ``loader`` for the layout."""
 
 from dist_audio.data.loader import AudioLoader, CorruptDataError, make_loader, valid_crop_starts
 from dist_audio.data.quantize import dequantize, quantize, zero_level

@@ -16,18 +16,20 @@ import io
 import json
 import os
 import tarfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import soundfile as sf
 
-__all__ = ["AUDIO_EXTENSIONS", "BadSample", "SampleRef", "ShardReader", "iter_shard", "read_crop"]
+__all__ = ["AUDIO_EXTENSIONS", "BadSample", "SampleRef", "ShardReader", "index_shard", "iter_shard", "read_crop"]
 
 AUDIO_EXTENSIONS = ("flac", "wav")
 _MAX_JSON_BYTES = 1 << 20
+_BLOCK = tarfile.BLOCKSIZE
+_ZERO_BLOCK = bytes(_BLOCK)
 
 
 @dataclass
@@ -62,11 +64,10 @@ def iter_shard(path: str, expected_samples: int | None = None) -> Iterator[Sampl
     seen = 0
     try:
         size = os.path.getsize(path)
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            group: list[tarfile.TarInfo] = []
-            for member in tar:
-                key = _key_of(member.name)
-                if group and key != _key_of(group[0].name):
+        with open(path, "rb") as f:
+            group: list[_Member] = []
+            for member in _tar_members(f, size):
+                if group and member.key != group[0].key:
                     seen += 1
                     yield _parse_sample(f, path, group, size)
                     group = []
@@ -74,7 +75,7 @@ def iter_shard(path: str, expected_samples: int | None = None) -> Iterator[Sampl
             if group:
                 seen += 1
                 yield _parse_sample(f, path, group, size)
-    except (tarfile.TarError, OSError, EOFError) as err:
+    except (tarfile.TarError, OSError) as err:
         lost = max(1, (expected_samples or 0) - seen)
         yield BadSample(path, f"{name} is unreadable after {seen} sample(s): {err}", lost)
         return
@@ -83,37 +84,120 @@ def iter_shard(path: str, expected_samples: int | None = None) -> Iterator[Sampl
                               "(truncated shard?)", expected_samples - seen)
 
 
-def _key_of(name: str) -> str:
-    directory, _, base = name.rpartition("/")
-    return f"{directory}/{base.split('.', 1)[0]}" if directory else base.split(".", 1)[0]
+def index_shard(path: str, expected_samples: int) -> list[SampleRef | BadSample]:
+    """Entry ``i`` is sample ``i`` of the shard (as the manifest counts them), or why it cannot be used."""
+    entries: list[SampleRef | BadSample] = []
+    for item in iter_shard(path, expected_samples):
+        entries += [item] if isinstance(item, SampleRef) else [item] * item.count
+    return entries[:expected_samples]
 
 
-def _parse_sample(f: io.BufferedReader, path: str, members: list[tarfile.TarInfo], size: int) -> SampleRef | BadSample:
+class _Member(NamedTuple):
+    name: str
+    offset: int  # of the data in the shard file
+    size: int
+    regular: bool
+
+    @property
+    def key(self) -> str:
+        directory, _, base = self.name.rpartition("/")
+        return f"{directory}/{base.split('.', 1)[0]}" if directory else base.split(".", 1)[0]
+
+
+def _tar_members(f: BinaryIO, size: int) -> Iterator[_Member]:
+    """The members of a tar file from their headers alone (data blocks are skipped, not read).
+
+    ``tarfile`` does the same at several times the cost per member, which a loader pays for every sample
+    of every shard it indexes. Reads ustar headers and the pax and GNU long-name extensions; raises
+    ``tarfile.ReadError`` for a header that is not one.
+    """
+    offset, long_name, pax = 0, None, {}
+    while offset + _BLOCK <= size:
+        f.seek(offset)
+        header = f.read(_BLOCK)
+        if len(header) < _BLOCK:
+            raise tarfile.ReadError(f"unexpected end of data at byte {offset}")
+        if header == _ZERO_BLOCK:
+            return
+        try:
+            checksum = int(header[148:156].strip(b" \0") or b"0", 8)
+            member_size = _tar_number(header[124:136])
+        except ValueError:
+            raise tarfile.ReadError(f"invalid tar header at byte {offset}") from None
+        if checksum != sum(header[:148]) + sum(header[156:]) + 8 * 32:
+            raise tarfile.ReadError(f"bad tar header checksum at byte {offset}")
+        kind, data = header[156:157], offset + _BLOCK
+        if kind not in (b"L", b"x", b"g") and "size" in pax:
+            member_size = int(pax["size"])
+        offset = data + -(-member_size // _BLOCK) * _BLOCK
+        if kind in (b"L", b"x", b"g"):  # a long name, or pax records, for the next member (global: ignored)
+            if member_size > _MAX_JSON_BYTES:
+                raise tarfile.ReadError(f"oversized extended header at byte {data - _BLOCK}")
+            f.seek(data)
+            payload = f.read(member_size)
+            try:
+                if kind == b"L":
+                    long_name = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                elif kind == b"x":
+                    pax = _pax_records(payload)
+            except ValueError:
+                raise tarfile.ReadError(f"invalid extended header at byte {data - _BLOCK}") from None
+            continue
+        name = header[:100].split(b"\0", 1)[0]
+        if header[257:262] == b"ustar" and header[345] != 0:
+            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+        yield _Member(pax.get("path") or long_name or name.decode("utf-8", "surrogateescape"), data, member_size,
+                      kind in (b"0", b"\0"))
+        long_name, pax = None, {}
+
+
+def _tar_number(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256 for sizes beyond 8 GiB
+        return int.from_bytes(field[1:], "big")
+    return int(field.strip(b" \0") or b"0", 8)
+
+
+def _pax_records(payload: bytes) -> dict[str, str]:
+    """Records ``<length> <key>=<value>\\n``; raises ``ValueError`` if they are malformed."""
+    records, position = {}, 0
+    while position < len(payload) and payload[position] != 0:
+        space = payload.index(b" ", position)
+        length = int(payload[position:space])
+        if length <= space - position:
+            raise ValueError("pax record length")
+        key, _, value = payload[space + 1 : position + length - 1].partition(b"=")
+        records[key.decode()] = value.decode("utf-8", "surrogateescape")
+        position += length
+    int(records.get("size", "0"))  # a size that is not a number is malformed too
+    return records
+
+
+def _parse_sample(f: BinaryIO, path: str, members: list[_Member], size: int) -> SampleRef | BadSample:
     name = os.path.basename(path)
-    key = _key_of(members[0].name)
+    key = members[0].key
     meta: dict[str, Any] | None = None
     audio: dict[str, tuple[int, int]] = {}
     for member in members:
-        pure = PurePosixPath(member.name)
-        if pure.is_absolute() or ".." in pure.parts:
+        if member.name.startswith("/") or ".." in member.name.split("/"):
             return BadSample(path, f"{name}: refused member name {member.name!r} (absolute or '..')")
-        if not member.isreg():
+        if not member.regular:
             return BadSample(path, f"{name}: member {member.name!r} is not a regular file")
-        if member.offset_data + member.size > size:
+        if member.offset + member.size > size:
             return BadSample(path, f"{name}: member {member.name!r} is cut off (truncated shard)")
-        suffix = pure.name.split(".", 1)[1] if "." in pure.name else ""
+        base = member.name.rpartition("/")[2]
+        suffix = base.split(".", 1)[1] if "." in base else ""
         extension = suffix.rsplit(".", 1)[-1].lower()
         if suffix == "json":
             if member.size > _MAX_JSON_BYTES:
                 return BadSample(path, f"{name}: {member.name} is too large for metadata")
-            f.seek(member.offset_data)
+            f.seek(member.offset)
             try:
                 meta = json.loads(f.read(member.size))
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 return BadSample(path, f"{name}: {member.name} is not valid JSON ({err})")
         elif extension in AUDIO_EXTENSIONS:
             signal = suffix.rsplit(".", 1)[0] if "." in suffix else "audio"
-            audio[signal] = (member.offset_data, member.size)
+            audio[signal] = (member.offset, member.size)
         # any other member (.pyd, .pickle, .npy, ...) is ignored: never decoded
     if not isinstance(meta, dict) or not isinstance(meta.get("frames"), int) or meta["frames"] <= 0:
         return BadSample(path, f"{name}: sample {key} has no valid JSON metadata")
@@ -176,14 +260,14 @@ class _MemberView(io.RawIOBase):
 
 
 class ShardReader:
-    """Decodes crops, keeping the last shard file open: consecutive crops from one shard skip the open/close.
+    """Decodes crops, keeping the last few shard files open: crops from recently read shards skip the open.
 
-    Use as a context manager or call ``close()``; one reader per stream (it is not shared across processes).
+    Use as a context manager or call ``close()``; one reader per worker (it is not shared across processes).
     """
 
-    def __init__(self) -> None:
-        self._path: str | None = None
-        self._file: io.BufferedReader | None = None
+    def __init__(self, open_files: int = 8) -> None:
+        self._open_files = open_files
+        self._files: OrderedDict[str, io.BufferedReader] = OrderedDict()  # least recently used first
 
     def __enter__(self) -> ShardReader:
         return self
@@ -192,18 +276,23 @@ class ShardReader:
         self.close()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._path, self._file = None, None
+        while self._files:
+            self._files.popitem()[1].close()
 
     def _open(self, path: str) -> io.BufferedReader:
-        if self._file is None or self._path != path:
-            self.close()
-            self._file, self._path = open(path, "rb"), path
-        return self._file
+        if path in self._files:
+            self._files.move_to_end(path)
+        else:
+            if len(self._files) >= self._open_files:
+                self._files.popitem(last=False)[1].close()
+            self._files[path] = open(path, "rb")
+        return self._files[path]
 
-    def read_crop(self, ref: SampleRef, signal: str, start: int, frames: int, *,
-                  probe_only: bool = False) -> np.ndarray:
+    def _forget(self, path: str) -> None:
+        if path in self._files:
+            self._files.pop(path).close()
+
+    def read_crop(self, ref: SampleRef, signal: str, start: int, frames: int, dtype: str = "float32") -> np.ndarray:
         """See ``read_crop``."""
         if signal not in ref.members:
             raise ValueError(f"sample {ref.key} has no {signal!r} member")
@@ -211,26 +300,24 @@ class ShardReader:
         available = max(0, min(frames, ref.frames - start))
         try:
             with sf.SoundFile(_MemberView(self._open(ref.shard), offset, size)) as sound:
-                if probe_only:
-                    return np.zeros((sound.channels, 0), np.float32)
                 if sound.frames < ref.frames:
                     raise ValueError(f"{signal} member holds {sound.frames} frames, metadata says {ref.frames}")
                 sound.seek(start)
-                crop = np.zeros((frames, sound.channels), np.float32)  # decoded in place; the rest stays zero
+                crop = np.zeros((frames, sound.channels), dtype)  # decoded in place; the rest stays zero
                 decoded = len(sound.read(out=crop[:available])) if available else 0
         except (sf.LibsndfileError, RuntimeError, OSError) as err:
-            self.close()  # the next crop reopens the file rather than trust its state
+            self._forget(ref.shard)  # the next crop reopens the file rather than trust its state
             raise ValueError(f"cannot decode {signal} of {ref.key}: {err}") from None
         if decoded < available:
             raise ValueError(f"{signal} of {ref.key}: decoded {decoded} of {available} frames")
         return crop.T  # [channels, frames] view of frame-major memory: .T.reshape(-1) interleaves L R L R
 
 
-def read_crop(ref: SampleRef, signal: str, start: int, frames: int, *, probe_only: bool = False) -> np.ndarray:
+def read_crop(ref: SampleRef, signal: str, start: int, frames: int, dtype: str = "float32") -> np.ndarray:
     """Decode ``frames`` frames of one audio member from ``start`` (zero-padded past the chunk's end).
 
-    Returns float32 ``[channels, frames]``. Raises ``ValueError`` if the member is missing or corrupt.
-    With ``probe_only`` the member's header is checked but no audio is decoded (for fast skipping).
+    Returns ``[channels, frames]`` of ``dtype`` (float32 in [-1, 1], or the int16 samples as stored).
+    Raises ``ValueError`` if the member is missing or corrupt.
     """
     with ShardReader() as reader:
-        return reader.read_crop(ref, signal, start, frames, probe_only=probe_only)
+        return reader.read_crop(ref, signal, start, frames, dtype)

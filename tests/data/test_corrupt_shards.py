@@ -17,6 +17,7 @@ import torch
 
 from dist_audio.config import DataConfig
 from dist_audio.data import CorruptDataError, make_loader
+from dist_audio.data.shards import SampleRef, index_shard
 
 
 def copy_shards(src: Path, dst: Path) -> Path:
@@ -47,20 +48,29 @@ def config(shards: Path, **overrides) -> DataConfig:
 
 def test_a_corrupt_member_is_skipped_counted_and_named(speech_shards, tmp_path, caplog):
     shards = copy_shards(speech_shards, tmp_path / "shards")
-    victim = shard_names(shards, "valid")[0]
+    victims = [shard_names(shards, split)[0] for split in ("valid", "train")]
+    broken = []
 
     def break_first_flac(members):
         name = next(n for n, _ in members if n.endswith(".flac"))
+        broken.append(name[: -len(".flac")])
         return [(n, b"garbage!" + d[8:] if n == name else d) for n, d in members]
 
-    rewrite_shard(shards / victim, break_first_flac)
+    for victim in victims:
+        rewrite_shard(shards / victim, break_first_flac)
     clean = list(make_loader(config(speech_shards), "valid"))
     with caplog.at_level(logging.WARNING, logger="dist_audio.data.loader"):
         batches = list(make_loader(config(shards, max_bad_fraction=0.5), "valid"))
+        train = list(make_loader(config(shards, max_bad_fraction=0.5), "train"))
     assert len(batches) == len(clean)  # equal batch count: the bad crops become padding rows
     assert sum(b["skipped"].item() for b in batches) >= 1
     assert sum(b["mask"].sum().item() for b in batches) < sum(b["mask"].sum().item() for b in clean)
-    assert any(victim in record.getMessage() for record in caplog.records)
+    # training: the one bad sample's position is filled by another sample, and counted once
+    assert len(train) == len(make_loader(config(speech_shards), "train"))
+    assert sum(b["skipped"].item() for b in train) == 1
+    assert all(not key.startswith(broken[1] + "@") for b in train for key in b["keys"])
+    messages = [record.getMessage() for record in caplog.records]
+    assert all(any(victim in m for m in messages) for victim in victims)
 
 
 def test_a_truncated_shard_is_skipped_and_training_goes_on(speech_shards, tmp_path, caplog):
@@ -68,12 +78,25 @@ def test_a_truncated_shard_is_skipped_and_training_goes_on(speech_shards, tmp_pa
     victim = shard_names(shards, "train")[0]
     data = (shards / victim).read_bytes()
     (shards / victim).write_bytes(data[: len(data) // 3])
+    intact = {entry.key for entry in index_shard(str(shards / victim), 4) if isinstance(entry, SampleRef)}
+    lost = set(sample_keys(speech_shards / victim)) - intact
+    assert intact and lost
+    cfg = config(shards, max_bad_fraction=1.0)
     with caplog.at_level(logging.WARNING, logger="dist_audio.data.loader"):
-        batches = list(make_loader(config(shards, max_bad_fraction=1.0, epoch_batches=12), "train"))
-    assert len(batches) == 12
-    assert sum(b["skipped"].item() for b in batches) > 0
-    assert all(victim not in key for b in batches for key in b["keys"])  # nothing decoded from the cut part
+        batches = list(make_loader(cfg, "train"))
+    assert len(batches) == len(make_loader(config(speech_shards), "train")) == 22 // 2  # the epoch keeps its length
+    assert sum(b["skipped"].item() for b in batches) == len(lost)  # each lost position counted once
+    assert not {key.split("@")[0] for b in batches for key in b["keys"]} & lost  # nothing from the cut part
     assert any(victim in record.getMessage() for record in caplog.records)
+    # a lost position takes the next usable sample under one rule, so two workers give the same batches
+    with_workers = list(make_loader(config(shards, max_bad_fraction=1.0, num_workers=2), "train"))
+    assert [b["keys"] for b in with_workers] == [b["keys"] for b in batches]
+    assert all(torch.equal(a["y"], b["y"]) and a["skipped"] == b["skipped"] for a, b in zip(with_workers, batches))
+
+
+def sample_keys(shard: Path) -> list[str]:
+    with tarfile.open(shard) as tar:
+        return [m.name[: -len(".json")] for m in tar if m.name.endswith(".json")]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -82,7 +105,7 @@ def test_too_many_bad_samples_stop_with_a_clear_error(speech_shards, tmp_path, n
     victims = shard_names(shards, "train")[:3]
     for victim in victims:
         (shards / victim).write_bytes(b"\0" * 100)
-    cfg = config(shards, max_bad_fraction=0.05, bad_window=20, epoch_batches=10, num_workers=num_workers)
+    cfg = config(shards, max_bad_fraction=0.05, bad_window=20, num_workers=num_workers)
     with pytest.raises(CorruptDataError, match=r"exceed data\.max_bad_fraction=0\.05") as info:
         list(make_loader(cfg, "train"))
     assert any(victim in str(info.value) for victim in victims)

@@ -1,5 +1,6 @@
-"""dist_audio.data.make_loader: batch contract, exact-once validation across ranks and workers, equal
-batch counts, deterministic order and resume, crop by seek, remix."""
+"""dist_audio.data.make_loader: batch contract, exact-once validation across ranks and workers, one global
+training order whatever the world size and worker count, equal batch counts, exact resume at any global
+batch, crop by seek, remix."""
 
 from __future__ import annotations
 
@@ -128,41 +129,111 @@ def test_valid_crops_cover_each_chunk():
         assert covered == set(range(frames)) and starts == sorted(set(starts))
 
 
-def train_keys(cfg: DataConfig, **kwargs) -> list[list[str]]:
-    return [batch["keys"] for batch in make_loader(cfg, "train", **kwargs)]
+def global_steps(cfg: DataConfig, world_size: int, **kwargs) -> list[dict[str, torch.Tensor]]:
+    """Step j → {key: that example's tensor} over all ranks' micro-batches of the step (checking that each rank
+    yields whole steps of equal length)."""
+    loaders = [make_loader(cfg, "train", rank=r, world_size=world_size, **kwargs) for r in range(world_size)]
+    per_rank = [list(loader) for loader in loaders]
+    steps = loaders[0].steps
+    assert [len(b) for b in per_rank] == [len(loader) for loader in loaders] == [len(per_rank[0])] * world_size
+    assert [loader.steps for loader in loaders] == [steps] * world_size and len(per_rank[0]) % max(steps, 1) == 0
+    micro = len(per_rank[0]) // steps if steps else 0
+    name = "y" if cfg.task == "autoregressive" else "stems"
+    result = []
+    for step in range(steps):
+        examples = {}
+        for batches in per_rank:
+            for batch in batches[step * micro : (step + 1) * micro]:
+                assert len(batch["keys"]) == cfg.batch_size and "mask" not in batch
+                examples.update(zip(batch["keys"], batch[name]))
+        result.append(examples)
+    return result
 
 
-def test_train_ranks_get_equal_batch_counts_and_a_deterministic_order(speech_shards):
-    cfg = speech_config(speech_shards, num_workers=2, epoch_batches=5)
-    per_rank = [train_keys(cfg, rank=r, world_size=2, seed=1) for r in range(2)]
-    assert [len(k) for k in per_rank] == [5, 5]
-    assert per_rank[0] == train_keys(cfg, rank=0, world_size=2, seed=1)  # same order when run again
-    assert per_rank[0] != train_keys(cfg, rank=0, world_size=2, seed=1, epoch=1)  # new order each epoch
-    # default epoch length: train samples // (batch size × world size), equal on both ranks
-    default = speech_config(speech_shards)
-    expected = len(all_chunks(speech_shards, "train")) // 6
-    assert [len(make_loader(default, "train", rank=r, world_size=2)) for r in range(2)] == [expected] * 2
+def same_steps(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> bool:
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                                    for x, y in zip(a, b))
+
+
+def test_a_global_step_does_not_depend_on_world_size_or_workers(speech_shards):
+    """Step k holds the same examples (keys, crop offsets, tokens) for 1, 2 or 3 ranks and 0, 1 or 2 workers."""
+    cfg = speech_config(speech_shards, batch_size=1)
+    reference = global_steps(cfg, 1, seed=5, epoch=1, global_batch=6)
+    assert len(reference) == 22 // 6 and all(len(step) == 6 for step in reference)
+    for world_size in (1, 2, 3):
+        for num_workers in (0, 1, 2):
+            steps = global_steps(speech_config(speech_shards, batch_size=1, num_workers=num_workers), world_size,
+                                 seed=5, epoch=1, global_batch=6)
+            assert same_steps(steps, reference), (world_size, num_workers)
+    # the micro-batch size does not matter either: 2 ranks × 3 micro-batches of 1 = 2 ranks × 1 of 3
+    assert same_steps(global_steps(speech_config(speech_shards, batch_size=3), 2, seed=5, epoch=1), reference)
+
+
+def test_remixed_steps_do_not_depend_on_world_size_or_workers(musdb_shards):
+    cfg = musdb_config(musdb_shards, batch_size=2)
+    reference = global_steps(cfg, 1, global_batch=4)
+    assert len(reference) == 16 // 4
+    assert same_steps(global_steps(musdb_config(musdb_shards, batch_size=1, num_workers=2), 2, global_batch=4),
+                      reference)
+
+
+def test_an_epoch_reads_every_sample_once_in_an_order_new_each_epoch(speech_shards, musdb_shards):
+    chunks = all_chunks(speech_shards, "train")
+    cfg = speech_config(speech_shards, batch_size=2)
+    keys = [k for step in global_steps(cfg, 1) for k in step]
+    samples = [k.split("@")[0] for k in keys]
+    assert len(samples) == len(set(samples)) == len(chunks) // 2 * 2  # whole global batches of 2: 22 of 22
+    assert set(samples) <= set(chunks)
+    assert all(0 <= int(k.split("@")[1]) <= chunks[s]["frames"] - 8000 for k, s in zip(keys, samples))
+    again = [k for step in global_steps(cfg, 1) for k in step]
+    assert again == keys  # deterministic
+    other_epoch = [k for step in global_steps(cfg, 1, epoch=1) for k in step]
+    other_seed = [k for step in global_steps(cfg, 1, seed=1) for k in step]
+    assert other_epoch != keys and other_seed != keys
+    assert sorted(k.split("@")[0] for k in other_epoch) == sorted(samples)
+    # remix: each stem's own order also visits every chunk once
+    remixed = [k for step in global_steps(musdb_config(musdb_shards), 1) for k in step]
+    for stem in range(4):
+        stem_samples = [k.split("+")[stem].split("@")[0] for k in remixed]
+        assert len(stem_samples) == len(set(stem_samples)) == 16
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_start_batch_resumes_exactly(speech_shards, musdb_shards, num_workers):
-    cfg = speech_config(speech_shards, num_workers=num_workers, epoch_batches=7)
-    full = list(make_loader(cfg, "train", seed=3, epoch=2))
-    resumed = make_loader(cfg, "train", seed=3, epoch=2, start_batch=3)
-    assert len(resumed) == 4
-    for a, b in zip(full[3:], resumed, strict=True):
-        assert a["keys"] == b["keys"] and torch.equal(a["x"], b["x"])
-    sep = musdb_config(musdb_shards, num_workers=num_workers, epoch_batches=4)
-    full = list(make_loader(sep, "train"))
-    for a, b in zip(full[1:], make_loader(sep, "train", start_batch=1), strict=True):
-        assert a["keys"] == b["keys"] and torch.equal(a["stems"], b["stems"])
-    valid_full = list(make_loader(cfg, "valid"))
-    valid_resumed = list(make_loader(cfg, "valid", start_batch=2))
-    assert [b["keys"] for b in valid_full[2:]] == [b["keys"] for b in valid_resumed]
+def test_resuming_at_start_sample_continues_exactly_even_with_another_global_batch(speech_shards, num_workers):
+    cfg = speech_config(speech_shards, batch_size=2, num_workers=num_workers)
+    full = global_steps(cfg, 2, seed=3, epoch=2, global_batch=4)  # 5 steps of 4 from 22 samples
+    positions = [example for step in full for example in step.items()]
+    assert len(full) == 5
+    resumed = global_steps(cfg, 2, seed=3, epoch=2, global_batch=4, start_sample=2 * 4)
+    assert same_steps(resumed, full[2:])
+    # after 2 steps of 4, continue with global batches of 6 on 3 ranks: positions 8..13 and 14..19
+    regrouped = global_steps(speech_config(speech_shards, batch_size=2, num_workers=num_workers), 3, seed=3,
+                             epoch=2, global_batch=6, start_sample=8)
+    assert len(regrouped) == 2
+    expected = [dict(positions[8:14]), dict(positions[14:20])]
+    assert same_steps(regrouped, expected)
+    # the transitional start_batch (this rank's batches of batch_size × world_size) means start_sample = k × G
+    old_style = make_loader(cfg, "train", rank=1, world_size=2, seed=3, epoch=2, start_batch=3)
+    new_style = make_loader(cfg, "train", rank=1, world_size=2, seed=3, epoch=2, start_sample=12)
+    assert [b["keys"] for b in old_style] == [b["keys"] for b in new_style] and len(new_style) == 2
+
+
+def test_global_batch_must_split_into_whole_micro_batches(speech_shards):
+    cfg = speech_config(speech_shards, batch_size=2)
+    loader = make_loader(cfg, "train", rank=0, world_size=2, global_batch=8)
+    assert (len(loader), loader.steps) == (2 * (22 // 8), 22 // 8)  # 2 micro-batches of 2 per rank and step
+    for world_size, global_batch in ((2, 6), (3, 8), (1, 3)):
+        with pytest.raises(ConfigError, match="data.batch_size"):
+            make_loader(cfg, "train", world_size=world_size, global_batch=global_batch)
+    with pytest.raises(ConfigError, match="data.batch_size.*more than the 22 training samples"):
+        make_loader(cfg, "train", world_size=2, global_batch=24)
+    assert len(make_loader(cfg, "train", start_sample=21)) == 0  # less than a global batch left in the epoch
+    with pytest.raises(ValueError, match="validation always starts"):
+        make_loader(cfg, "valid", start_sample=2)
 
 
 def test_remixed_mixture_is_the_sum_of_stems_from_different_chunks(musdb_shards):
-    cfg = musdb_config(musdb_shards, batch_size=4, epoch_batches=3, remix_gain=[0.5, 1.5])
+    cfg = musdb_config(musdb_shards, batch_size=4, remix_gain=[0.5, 1.5])
     for batch in make_loader(cfg, "train"):
         assert batch["mixture"].shape == (4, 2, 8000) and batch["stems"].shape == (4, 4, 2, 8000)
         torch.testing.assert_close(batch["mixture"], batch["stems"].sum(dim=1), rtol=0, atol=1e-6)
@@ -218,9 +289,9 @@ def test_loader_refuses_mismatched_shards(speech_shards, musdb_shards):
         make_loader(speech_config(speech_shards), "test")
 
 
-def test_shard_reader_reuses_its_file_and_matches_read_crop(speech_shards, monkeypatch):
-    """One open per run of crops from the same shard, the same crops as a fresh read_crop, and a reopen after
-    a failed crop."""
+def test_shard_reader_reuses_its_files_and_matches_read_crop(speech_shards, monkeypatch):
+    """One open per shard while crops move between a few shards, the same crops as a fresh read_crop, and a
+    reopen after a failed crop."""
     paths = sorted(str(p) for p in Path(speech_shards).glob("train-*.tar"))
     refs = [r for path in paths for r in shards_module.iter_shard(path)]
     opened = []
@@ -234,12 +305,44 @@ def test_shard_reader_reuses_its_file_and_matches_read_crop(speech_shards, monke
     monkeypatch.setattr(shards_module, "open", CountingFile, raising=False)
     with shards_module.ShardReader() as reader:
         crops = [reader.read_crop(ref, "audio", 0, 4000) for ref in refs]
-        assert len(opened) == len(paths)  # refs are grouped by shard: one open per shard
+        interleaved = [reader.read_crop(ref, "audio", 0, 4000) for ref in refs[::3] + refs[1::3] + refs[2::3]]
+        assert len(opened) == len(paths)  # the shards stay open: one open per shard
         with pytest.raises(ValueError, match="has no 'vocals' member"):
             reader.read_crop(refs[0], "vocals", 0, 4000)
         broken = shards_module.SampleRef(refs[0].shard, refs[0].key, refs[0].meta, {"audio": (0, 512)})
         with pytest.raises(ValueError, match="cannot decode"):
             reader.read_crop(broken, "audio", 0, 4000)  # the tar header is no audio
         np.testing.assert_array_equal(reader.read_crop(refs[0], "audio", 0, 4000), expected[0])
-    for crop, want in zip(crops, expected):
+        assert len(opened) == len(paths) + 1
+    for crop, want in zip(crops + interleaved, expected + expected[::3] + expected[1::3] + expected[2::3]):
         np.testing.assert_array_equal(crop, want)
+    pcm = shards_module.read_crop(refs[0], "audio", 100, 4000, dtype="int16")  # the samples as stored
+    assert pcm.dtype == np.int16 and np.array_equal(pcm / 32768, shards_module.read_crop(refs[0], "audio", 100, 4000))
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_tar_index_finds_what_tarfile_finds(tmp_path, tar_format):
+    """Shards are indexed from their headers without tarfile; the members agree with tarfile's for every header
+    format (ustar prefixes, GNU long names, pax records), and a damaged header is an unreadable shard."""
+    names = ["a.json", "p" * 90 + "/" + "q" * 90 + ".flac", "short"]
+    if tar_format != tarfile.USTAR_FORMAT:
+        names += ["dir/" + "x" * 120 + ".wav", "ünï.json"]
+    path = tmp_path / "shard.tar"
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = 100 * i + 1
+            tar.addfile(info, io.BytesIO(b"z" * info.size))
+        link = tarfile.TarInfo("link.json")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.json"
+        tar.addfile(link)
+    with tarfile.open(path) as tar:
+        expected = [(m.name, m.offset_data, m.size, m.isreg()) for m in tar]
+    with open(path, "rb") as f:
+        assert [tuple(m) for m in shards_module._tar_members(f, path.stat().st_size)] == expected
+    data = bytearray(path.read_bytes())
+    data[expected[1][1] - 512 + 10] ^= 0xFF  # a name byte of the second header: its checksum no longer matches
+    path.write_bytes(bytes(data))
+    entries = shards_module.index_shard(str(path), 5)
+    assert len(entries) == 5
+    assert all(isinstance(e, shards_module.BadSample) and "bad tar header checksum at byte" in e.reason for e in entries)

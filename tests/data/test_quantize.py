@@ -1,11 +1,13 @@
-"""Quantization: levels, the zero level, and round-trip error bounds for mu-law and linear."""
+"""Quantization: levels, the zero level, round-trip error bounds for mu-law and linear, the lookup table."""
 
 import math
 
 import pytest
 import torch
 
-from dist_audio.data.quantize import dequantize, quantize, zero_level
+import numpy as np
+
+from dist_audio.data.quantize import dequantize, pcm16_table, quantize, zero_level
 
 
 @pytest.mark.parametrize("kind", ["mu-law", "linear"])
@@ -59,3 +61,16 @@ def test_quantize_matches_the_level_formula_on_every_16_bit_sample(kind):
     companded = torch.sign(x) * torch.log(1 + 255 * x.abs()) / math.log1p(255) if kind == "mu-law" else x
     expected = torch.floor((companded + 1) * ((256 - 0.01) / 2) + 0.01 / 2).long()
     assert torch.equal(quantize(x, 8, kind), expected)
+
+
+@pytest.mark.parametrize("kind", ["mu-law", "linear"])
+@pytest.mark.parametrize("bits", [1, 8, 16])
+def test_the_pcm_table_equals_quantize_of_the_decoded_floats(kind, bits):
+    """Every 16-bit value, and every mean of two (stereo folded to mono), gets the level quantize gives it."""
+    pcm = np.arange(-32768, 32768).astype(np.int16)
+    floats = torch.from_numpy(pcm.astype(np.float32) / 32768)  # what float decoding of the member returns
+    assert np.array_equal(pcm16_table(bits, kind)[pcm.view(np.uint16)], quantize(floats, bits, kind).numpy())
+    left, right = pcm, np.roll(pcm, 12345)
+    mean = (floats + torch.from_numpy(right.astype(np.float32) / 32768)) / 2
+    index = (left.astype(np.int32) + right) & (2 * 65536 - 1)
+    assert np.array_equal(pcm16_table(bits, kind, channels=2)[index], quantize(mean, bits, kind).numpy())
