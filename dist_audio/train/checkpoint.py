@@ -50,7 +50,7 @@ class TrainerState:
 
     step: int = 0  # optimizer steps taken (skipped non-finite steps included)
     epoch: int = 0
-    batch_in_epoch: int = 0  # loaded batches of this epoch already consumed (equal on every rank)
+    samples_in_epoch: int = 0  # epoch positions consumed, all ranks: where the global data order goes on
     samples_seen: int = 0  # training samples of all ranks, skipped steps included
     global_batch: int = 0  # samples per optimizer step, all ranks: kept by a resume on another world size
     world_size: int = 0  # processes that wrote the checkpoint
@@ -146,6 +146,9 @@ def load_checkpoint(accelerator: Accelerator, path: Path, holder: StateHolder) -
     state_file = Path(path) / STATE_FILE
     if not state_file.is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
+    if not (Path(path) / STATE_DIR).is_dir():
+        raise CheckpointError(f"{path} was written by an older version of dist_audio (no {STATE_DIR}/); "
+                              "it cannot be resumed or exported by this one")
     state = TrainerState(**json.loads(state_file.read_text()))
     rng_file = Path(path) / "rng" / f"rank{accelerator.process_index}.pt"
     try:

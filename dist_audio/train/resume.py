@@ -33,7 +33,7 @@ __all__ = ["BREAKING", "BatchPlan", "ResumeChange", "ResumeConflict", "batch_pla
 BREAKING = (
     "model.",
     "data.shards", "data.task", "data.segment_seconds", "data.bits", "data.quantization", "data.interleave_stereo",
-    "data.sources", "data.remix", "data.remix_gain", "data.shuffle_buffer", "data.epoch_batches",
+    "data.sources", "data.remix", "data.remix_gain", "data.shuffle_buffer",
     "data.batch_size", "train.grad_accum",  # the global batch
     "train.seed",
 )

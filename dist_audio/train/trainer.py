@@ -3,7 +3,8 @@
 Everything strategy-specific (DDP, ZeRO, FSDP, offload, activation checkpointing) happens once in
 ``parallelize.setup_model_and_optimizer``; the loop below reads the same under every strategy. The
 data loader is *not* passed through ``accelerator.prepare``: ``dist_audio.data.make_loader`` already
-yields this rank's share and can restart mid-epoch (``start_batch``), which is what exact resume needs.
+yields this rank's share of one global data order and restarts at any sample position (``start_sample``),
+which is what exact resume on any world size needs.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ class Trainer:
                 step = self.train_step(loaded)
                 state.step += 1
                 if cfg.train.sample_log:
-                    self.log_samples(loaded)
+                    self.log_samples(loaded, step.loss)
                 window.add(step, time.perf_counter() - start, data_time)
                 result.losses[state.step] = step.loss
                 state.skipped_samples += step.skipped_samples
@@ -266,20 +267,23 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
 
     def train_batches(self) -> Iterator[Batch]:
-        """This rank's training batches from the saved position on, epoch after epoch; the position in
-        ``self.state`` always counts the batches handed out."""
-        cfg, state = self.cfg, self.state
+        """This rank's training micro-batches from the saved position on, epoch after epoch. The position
+        (``samples_in_epoch``, global samples) advances by a global batch once a step's micro-batches have
+        been handed out, so a checkpoint after that step resumes with the next one on any world size."""
+        cfg, state, plan = self.cfg, self.state, self.batch
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         while True:
             loader = make_loader(cfg.data, "train", rank=rank, world_size=world, seed=cfg.train.seed,
-                                 epoch=state.epoch, start_batch=state.batch_in_epoch)
-            for batch in loader:
-                state.batch_in_epoch += 1
+                                 epoch=state.epoch, start_sample=state.samples_in_epoch,
+                                 global_batch=plan.global_batch)
+            for index, batch in enumerate(loader):
+                if (index + 1) % plan.grad_accum == 0:
+                    state.samples_in_epoch += plan.global_batch
                 yield batch
-            if state.batch_in_epoch == 0:
+            if loader.steps == 0 and state.samples_in_epoch == 0:
                 raise TrainingError(f"the training split of {cfg.data.shards} yields no batches for rank {rank}")
             state.epoch += 1
-            state.batch_in_epoch = 0
+            state.samples_in_epoch = 0
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -389,13 +393,13 @@ class Trainer:
             scalars.update({f"mem/peak_gib/rank{rank}": peak for rank, peak in enumerate(peaks)})
         return scalars
 
-    def log_samples(self, loaded: list[Batch]) -> None:
-        """Append this step's whole global batch (``<key>@<start frame>`` of every rank) to
+    def log_samples(self, loaded: list[Batch], loss: float) -> None:
+        """Append this step's whole global batch (``<key>@<start frame>`` of every rank) and its loss to
         ``samples.jsonl``: the record that a resumed run on any world size saw the same data."""
         keys = [key for part in gather_object([[k for b in loaded for k in b["keys"]]]) for key in part]
         if self.accelerator.is_main_process:
             with open(self.run_dir / SAMPLE_LOG, "a") as log:
-                log.write(json.dumps({"step": self.state.step, "samples": keys}) + "\n")
+                log.write(json.dumps({"step": self.state.step, "samples": keys, "loss": loss}) + "\n")
 
     def strategy_name(self) -> str:
         """E.g. ``DEEPSPEED ZeRO-3 x 2``: what a checkpoint records it was written under."""
