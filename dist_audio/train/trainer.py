@@ -28,8 +28,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from dist_audio.config import ConfigError, RunConfig, read_manifest, save_config
+from dist_audio.config import ConfigError, RunConfig, save_config
 from dist_audio.data import make_loader
+from dist_audio.data.manifest import read_manifest
 from dist_audio.models import build_model
 from dist_audio.objectives import build_objective
 from dist_audio.train import parallelize
@@ -66,6 +67,7 @@ class StepResult:
     loss_scale_overflow: bool  # fp16 only: finite loss, gradients overflowed; the scaler lowers its scale
     samples: int  # all ranks
     skipped_samples: int  # corrupt samples the loaders skipped, all ranks
+    remote_retries: int = 0  # retried reads of a URL data source, all ranks
 
 
 @dataclass
@@ -119,8 +121,9 @@ class Trainer:
             self.resume_from(checkpoint)
         else:
             set_seed(cfg.train.seed, device_specific=True)  # distinct dropout/sampling streams per rank
-        self.sample_rate = int(read_manifest(cfg.data.shards)["sample_rate"])
+        self.sample_rate = int(read_manifest(cfg.data.shards, cfg.data.remote_timeout_s)["sample_rate"])
         self.consecutive_nonfinite = 0
+        self.remote_retries = 0  # this process's run so far (not checkpointed: a count of incidents)
         self.stop_signal: str | None = None
         self.tracking = Tracking(accelerator, cfg.log, self.run_dir)
 
@@ -168,6 +171,7 @@ class Trainer:
                 window.add(step, time.perf_counter() - start, data_time)
                 result.losses[state.step] = step.loss
                 state.skipped_samples += step.skipped_samples
+                self.remote_retries += step.remote_retries
                 state.samples_seen += step.samples
                 bar.update(1)
                 bar.set_postfix(loss=f"{step.loss:.4f}")
@@ -218,7 +222,8 @@ class Trainer:
             self.auto_fit.recover(loaded, message)
             self.state.micro_splits, self.state.oom_retries = self.auto_fit.splits, self.auto_fit.retries
         grad_norm = parallelize.clip_grad_norm(accelerator, self.model, self.cfg.optim.grad_clip or math.inf)
-        counts = torch.tensor([sum(batch_size(b) for b in loaded), sum(int(b["skipped"]) for b in loaded)],
+        counts = torch.tensor([sum(batch_size(b) for b in loaded), sum(int(b["skipped"]) for b in loaded),
+                               sum(int(b.get("remote_retries", 0)) for b in loaded)],
                               device=accelerator.device, dtype=torch.float64)
         counts = accelerator.reduce(counts, reduction="sum")
         names = sorted(metrics)
@@ -237,7 +242,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=values[0], metrics=dict(zip(names, values[1:])), grad_norm=grad_norm,
                           applied=applied, loss_scale_overflow=overflow, samples=int(counts[0]),
-                          skipped_samples=int(counts[1]))
+                          skipped_samples=int(counts[1]), remote_retries=int(counts[2]))
 
     def accumulate_gradients(self, loaded: list[Batch]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward/backward over every micro-batch of the step; returns the sample-weighted mean loss
@@ -384,7 +389,7 @@ class Trainer:
                    "perf/samples_per_s": window.samples / window.step_time,
                    "perf/audio_seconds_per_s": window.samples * seconds / window.step_time,
                    "perf/data_time_frac": window.data_time / window.step_time,
-                   "data/skipped_samples": state.skipped_samples,
+                   "data/skipped_samples": state.skipped_samples, "data/remote_retries": self.remote_retries,
                    "train/skipped_steps": state.skipped_steps, "mem/oom_retries": self.auto_fit.retries}
         scalars.update({f"train/{name}": window.mean(name) for name in window.metric_names})
         peaks = gather_object([peak_memory_gib(self.accelerator.device)])

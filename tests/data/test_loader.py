@@ -212,10 +212,6 @@ def test_resuming_at_start_sample_continues_exactly_even_with_another_global_bat
     assert len(regrouped) == 2
     expected = [dict(positions[8:14]), dict(positions[14:20])]
     assert same_steps(regrouped, expected)
-    # the transitional start_batch (this rank's batches of batch_size × world_size) means start_sample = k × G
-    old_style = make_loader(cfg, "train", rank=1, world_size=2, seed=3, epoch=2, start_batch=3)
-    new_style = make_loader(cfg, "train", rank=1, world_size=2, seed=3, epoch=2, start_sample=12)
-    assert [b["keys"] for b in old_style] == [b["keys"] for b in new_style] and len(new_style) == 2
 
 
 def test_global_batch_must_split_into_whole_micro_batches(speech_shards):
