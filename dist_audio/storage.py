@@ -21,6 +21,8 @@ import importlib.util
 import os
 import re
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ __all__ = ["DiskCache", "Location", "SourceUnavailable", "Store", "parse_locatio
 # scheme → (fsspec protocol, the package that provides it, the pip extra that installs it)
 _SCHEMES = {"s3": ("s3", "s3fs", "s3"), "gs": ("gs", "gcsfs", "gcs"), "gcs": ("gs", "gcsfs", "gcs"),
             "http": ("http", "aiohttp", "http"), "https": ("https", "aiohttp", "http")}
-_URL_LIKE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")
+_URL_LIKE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _T = TypeVar("_T")
 _retries = 0  # retries made by this process since the last take_retries()
 
@@ -66,8 +68,8 @@ def parse_location(text: str) -> Location:
     """A local path or a supported URL; raises ``ValueError`` for anything else that looks like a URL,
     for credentials written into a URL, and when the package a scheme needs is not installed."""
     match = _URL_LIKE.match(text)
-    if not match:
-        return Location(text, "")
+    if not match or (match.group(1).lower() not in _SCHEMES and not text[match.end() :].startswith("/")):
+        return Location(text, "")  # no scheme (a colon elsewhere in a file name is just a character)
     scheme = match.group(1).lower()
     if scheme not in _SCHEMES:
         raise ValueError(f"{text!r}: unsupported URL scheme {scheme}:// (supported: a local directory, "
@@ -81,7 +83,7 @@ def parse_location(text: str) -> Location:
     _, package, extra = _SCHEMES[scheme]
     if importlib.util.find_spec(package) is None:
         raise ValueError(f"{scheme}:// needs the {package} package: pip install 'dist_audio[{extra}]'")
-    return Location(f"{scheme}{rest}".rstrip("/"), scheme)
+    return Location(f"{scheme}:{rest}".rstrip("/"), scheme)
 
 
 def _transient(err: BaseException) -> bool:
@@ -100,6 +102,22 @@ def _transient(err: BaseException) -> bool:
     return module in ("aiohttp", "botocore", "aiobotocore", "urllib3", "requests")
 
 
+def _http_size(url: str, timeout: float) -> int:
+    """Content-Length of a HEAD request; 404/410 → ``FileNotFoundError``, 401/403 → ``PermissionError``."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+    except urllib.error.HTTPError as err:
+        if err.code in (404, 410):
+            raise FileNotFoundError(url) from None
+        if err.code in (401, 403):
+            raise PermissionError(f"{url}: HTTP {err.code}") from None
+        raise
+    if length is None:
+        raise ValueError(f"{url}: the server gives no Content-Length, so ranged reads cannot be planned")
+    return int(length)
+
+
 def _describe(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text and text[0] else type(err).__name__
@@ -115,6 +133,7 @@ class Store:
         self.location = location if isinstance(location, Location) else parse_location(location)
         self.timeout_s = timeout_s
         self._fs: Any = None
+        self._fs_pid = 0
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fs": None}
@@ -135,24 +154,25 @@ class Store:
         return self.location.join(name)
 
     def _filesystem(self) -> Any:
-        if self._fs is None:
+        if self._fs is None or self._fs_pid != os.getpid():  # fsspec clients do not survive a fork
             import fsspec
 
+            self._fs_pid = os.getpid()
             protocol = _SCHEMES[self.location.scheme][0]
             per_try = min(30.0, max(1.0, self.timeout_s))
             if protocol == "s3":
                 # one attempt per call: the retries (and their count) are ours
-                self._fs = fsspec.filesystem("s3", config_kwargs={
+                self._fs = fsspec.filesystem("s3", skip_instance_cache=True, config_kwargs={
                     "retries": {"max_attempts": 1, "mode": "standard"},
                     "connect_timeout": min(5.0, per_try), "read_timeout": per_try})
                 self._fs.retries = 1
             elif protocol in ("http", "https"):
                 import aiohttp
 
-                self._fs = fsspec.filesystem(protocol, client_kwargs={
+                self._fs = fsspec.filesystem(protocol, skip_instance_cache=True, client_kwargs={
                     "timeout": aiohttp.ClientTimeout(total=per_try, connect=min(5.0, per_try))})
             else:
-                self._fs = fsspec.filesystem(protocol)
+                self._fs = fsspec.filesystem(protocol, skip_instance_cache=True)
         return self._fs
 
     def _call(self, name: str, operation: Callable[..., _T], *args: Any) -> _T:
@@ -192,6 +212,8 @@ class Store:
     def size(self, name: str) -> int:
         if not self.remote:
             return os.path.getsize(self.path(name))
+        if not self.writable:  # fsspec's http size() turns a failing HEAD into FileNotFoundError: ask ourselves
+            return self._call(name, _http_size, self.path(name), min(30.0, self.timeout_s))
         return int(self._call(name, lambda: self._filesystem().size(self.path(name))))
 
     def exists(self, name: str) -> bool:

@@ -119,12 +119,18 @@ class ShardSource:
         self.version = version
 
     def open(self, path: str) -> tuple[BinaryIO, int]:
-        """The shard as a seekable binary file, and its size in bytes."""
+        """The shard as a seekable binary file for walking its headers, and its size in bytes."""
         if self.store is None:
-            f = open(path, "rb")  # noqa: SIM115 (the caller closes it)
+            f = open(path, "rb")
             return f, os.fstat(f.fileno()).st_size
-        remote = _RemoteShardFile(self.store, self._name(path), self.cache, f"{self.version}:{path}")
+        remote = _RemoteShardFile(self.store, self._name(path), None, "")  # small reads, not cached blocks
         return remote, remote.size  # type: ignore[return-value]
+
+    def open_file(self, path: str) -> BinaryIO:
+        """The shard as a file for decoding crops; a URL is asked for its size only when a read needs it."""
+        if self.store is None:
+            return open(path, "rb")
+        return _RemoteShardFile(self.store, self._name(path), self.cache, f"{self.version}:{path}")  # type: ignore
 
     def index(self, path: str, expected_samples: int) -> list[SampleRef | BadSample]:
         """``index_shard`` through this source; a complete index is kept in the cache."""
@@ -152,9 +158,10 @@ _LOCAL = ShardSource()
 class _RemoteShardFile:
     """A read-only, seekable file over ranged reads of one remote shard.
 
-    Small reads (tar headers, JSON) are served from one remembered read of at least ``_PEEK`` bytes, so a
-    header and the metadata member after it cost one request. With a cache, larger reads (audio blocks
-    for libsndfile) go through ``_BLOCK``-aligned blocks kept on disk.
+    Without a cache (indexing, or no ``data.cache_dir``), a read fetches at least ``_PEEK`` bytes and
+    remembers them, so a tar header and the metadata member after it cost one request. With a cache
+    (crops), reads go through ``_BLOCK``-aligned blocks kept on disk, and a crop whose blocks are all
+    cached makes no request at all (the size is asked for only when something must be fetched).
     """
 
     _PEEK = 8 << 10
@@ -162,7 +169,7 @@ class _RemoteShardFile:
 
     def __init__(self, store: Store, name: str, cache: DiskCache | None, key: str):
         self.store, self.name, self.cache, self.key = store, name, cache, key
-        self.size = store.size(name)
+        self._size: int | None = None
         self._pos = 0
         self._memo_start, self._memo = 0, b""
 
@@ -171,6 +178,12 @@ class _RemoteShardFile:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+    @property
+    def size(self) -> int:
+        if self._size is None:
+            self._size = self.store.size(self.name)
+        return self._size
 
     def close(self) -> None:
         self._memo = b""
@@ -184,18 +197,23 @@ class _RemoteShardFile:
 
     def read(self, n: int = -1) -> bytes:
         start = self._pos
-        n = self.size - start if n is None or n < 0 else min(n, self.size - start)
+        if n is None or n < 0:
+            n = self.size - start
         if n <= 0:
             return b""
-        self._pos = start + n
         begin = start - self._memo_start
         if 0 <= begin and begin + n <= len(self._memo):
-            return self._memo[begin : begin + n]
-        if self.cache is not None and n > self._PEEK:
-            return self._blocks(start, n)
-        data = self.store.read_range(self.name, start, min(self.size, start + max(n, self._PEEK)))
-        self._memo_start, self._memo = start, data
-        return data[:n]
+            data = self._memo[begin : begin + n]
+        elif self.cache is not None:
+            data = self._blocks(start, n)
+        elif start >= self.size:
+            data = b""
+        else:
+            self._memo_start = start
+            self._memo = self.store.read_range(self.name, start, min(self.size, start + max(n, self._PEEK)))
+            data = self._memo[:n]
+        self._pos = start + len(data)
+        return data
 
     def _blocks(self, start: int, n: int) -> bytes:
         """Bytes ``[start, start + n)`` from cached blocks, fetching each run of missing blocks in one read."""
@@ -210,11 +228,12 @@ class _RemoteShardFile:
             end = k
             while end + 1 <= last and blocks[end + 1] is None:
                 end += 1
-            data = self.store.read_range(self.name, k * self._BLOCK, min(self.size, (end + 1) * self._BLOCK))
+            begin, stop = k * self._BLOCK, min(self.size, (end + 1) * self._BLOCK)
+            data = self.store.read_range(self.name, begin, stop) if begin < stop else b""  # past a cut-off end
             for j in range(k, end + 1):
-                block = data[(j - k) * self._BLOCK : (j - k + 1) * self._BLOCK]
-                blocks[j] = block
-                self.cache.put(f"block:{self.key}:{j}", block)
+                blocks[j] = data[(j - k) * self._BLOCK : (j - k + 1) * self._BLOCK]
+                if blocks[j]:
+                    self.cache.put(f"block:{self.key}:{j}", blocks[j])
             k = end + 1
         joined = b"".join(blocks[k] or b"" for k in range(first, last + 1))
         offset = start - first * self._BLOCK
@@ -420,7 +439,7 @@ class ShardReader:
         else:
             if len(self._files) >= self._open_files:
                 self._files.popitem(last=False)[1].close()
-            self._files[path] = self._source.open(path)[0]
+            self._files[path] = self._source.open_file(path)
         return self._files[path]
 
     def _forget(self, path: str) -> None:
