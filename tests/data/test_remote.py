@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from dist_audio.config import ConfigError, DataConfig
 from dist_audio.data import make_loader
 from dist_audio.data.manifest import read_manifest
 from dist_audio.data.shards import ShardReader, ShardSource, iter_shard
-from dist_audio.storage import DiskCache, Store, parse_location, take_retries
+from dist_audio.storage import DiskCache, SourceUnavailable, Store, parse_location, take_retries
 
 REPO = Path(__file__).resolve().parents[2]
 SPEECH = dict(layout="files", sample_rate=16000, channels=1, chunk_seconds=2.0, min_seconds=0.5,
@@ -60,6 +61,9 @@ def test_urls_the_system_cannot_handle_are_refused(text):
         parse_location(text)
     with pytest.raises(ConfigError) as err:
         read_manifest(text)
+    assert err.value.key == "data.shards"
+    with pytest.raises(ConfigError) as err:
+        DataConfig(shards=text).validate("data")
     assert err.value.key == "data.shards"
 
 
@@ -190,3 +194,17 @@ def test_webdataset_reads_our_shards_locally_and_over_http(speech_shards, musdb_
                 meta = json.loads(sample["json"])
                 audio, rate = sf.read(__import__("io").BytesIO(sample[sorted(members - {"json"})[0]]))
                 assert rate == 16000 and len(audio) == meta["frames"] and "." not in sample["__key__"]
+
+
+def test_a_source_down_stops_a_worker_loader_with_one_line_naming_it(speech_shards, range_server):
+    """With DataLoader workers too: SourceUnavailable after data.remote_timeout_s, its message one line."""
+    server = range_server(speech_shards)
+    loader = make_loader(speech(server.url, num_workers=1, remote_timeout_s=1.0), "train")  # manifest read
+    server.stop()
+    started = time.monotonic()
+    with pytest.raises(SourceUnavailable) as err:
+        list(loader)
+    message = str(err.value)
+    assert message.startswith(f"data source {server.url}/train-") and "unreachable for 1 s" in message
+    assert "last error:" in message and len(message.splitlines()) == 1
+    assert time.monotonic() - started < 30

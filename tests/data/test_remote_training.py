@@ -16,6 +16,7 @@ from data_prep.shard import shard_dataset
 from data_prep.verify import verify
 from dist_audio.config import load_config
 from dist_audio.train.trainer import run_test_mode
+from launch import evaluate
 
 REPO = Path(__file__).resolve().parents[2]
 DEBUG = {"sashimi": REPO / "configs/sashimi/debug.yaml", "tfswa": REPO / "configs/tfswa/debug.yaml"}
@@ -42,6 +43,8 @@ def test_test_mode_trains_from_s3(model, demo_corpus, s3_bucket, tmp_path):
     run_files = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
     assert any(p.name == "config.yaml" and url in p.read_text() for p in run_files)
     assert not any(os.environ["AWS_SECRET_ACCESS_KEY"].encode() in p.read_bytes() for p in run_files)
+    run_dir = tmp_path / "runs" / f"{cfg.train.name}-test-mode"
+    assert evaluate.main(["--checkpoint", str(run_dir), "--data", url, "--json", "--max-batches", "1"]) == 0
 
 
 def test_retries_reach_tensorboard(speech_shards, range_server, tmp_path):
