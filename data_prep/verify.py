@@ -31,10 +31,10 @@ def verify(out: str | Path) -> list[str]:
     try:
         store = Store(str(out))
         return _verify(store)
-    except ValueError as err:
+    except (ValueError, SourceUnavailable) as err:
         return [str(err)]
-    except SourceUnavailable as err:
-        return [str(err)]
+    except OSError as err:  # e.g. access denied
+        return [f"cannot read {out}: {err}"]
 
 
 def _verify(store: Store) -> list[str]:
