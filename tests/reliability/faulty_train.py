@@ -28,8 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from dist_audio.train import checkpoint, parallelize  # noqa: E402
+from dist_audio.train import checkpoint  # noqa: E402
 from dist_audio.train import trainer as trainer_lib  # noqa: E402
+from dist_audio.train.portable_state import StateHolder  # noqa: E402
 from launch import train  # noqa: E402
 
 
@@ -66,14 +67,14 @@ def install(fault: str | None, step_log: str | Path | None, setattr=setattr) -> 
 
     setattr(trainer_lib.Trainer, "train_step", recorded_train_step)
 
-    save_state = parallelize.save_training_state
+    save_state = StateHolder.save
 
-    def save_state_then_die(accelerator, directory):
-        save_state(accelerator, directory)
-        if armed and where == "in_save" and Path(directory).name == f".tmp-step-{fault_step}":
+    def save_state_then_die(holder, directory):
+        save_state(holder, directory)
+        if armed and where == "in_save" and Path(directory).parent.name == f".tmp-step-{fault_step}":
             die()
 
-    setattr(parallelize, "save_training_state", save_state_then_die)
+    setattr(StateHolder, "save", save_state_then_die)
 
     save_config = checkpoint.save_config
 
