@@ -164,7 +164,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, cfg: RunConfig, sta
     token = None
     if accelerator.is_main_process:
         token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
-        error = _attempt(_prepare, root, tmp, token)
+        error = _attempt(root, _prepare, root, tmp, token)
     else:
         error = None
     errors, tokens = agree_on_errors(accelerator, error, token)
@@ -179,7 +179,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, cfg: RunConfig, sta
         files = _seal(tmp, _own_files(tmp, rank))
         error = None
     except WRITE_ERRORS as err:
-        error = describe_error(err)
+        error = describe_error(err, tmp)
     errors, manifests = agree_on_errors(accelerator, error, files)
     _raise_if_failed(accelerator, errors, final, tmp)
     error = None
@@ -188,7 +188,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, cfg: RunConfig, sta
             claimed = {name: entry for manifest in manifests for name, entry in manifest.items()}
             _publish(tmp, final, cfg, state, claimed)
         except WRITE_ERRORS as err:
-            error = describe_error(err)
+            error = describe_error(err, tmp)
         else:
             for old in complete_checkpoints(run_dir)[:-keep_last]:
                 _remove(old)
@@ -307,11 +307,11 @@ def _publish(tmp: Path, final: Path, cfg: RunConfig, state: TrainerState,
     fsync_dir(final.parent)
 
 
-def _attempt(write: Any, *args: Any) -> str | None:
+def _attempt(where: Path, write: Any, *args: Any) -> str | None:
     try:
         write(*args)
     except WRITE_ERRORS as err:
-        return describe_error(err)
+        return describe_error(err, where)
     return None
 
 

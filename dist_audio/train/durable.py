@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 WRITE_ERRORS = (OSError, RuntimeError, CheckpointException)  # torch.save raises RuntimeError on ENOSPC
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
 HASH_CHUNK = 1 << 22
+FULL_BELOW_BYTES = 1 << 20  # a write that failed with less than this free failed for want of space
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -98,20 +99,39 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def describe_error(err: BaseException) -> str:
+def describe_error(err: BaseException, where: str | Path | None = None) -> str:
     """One line for the cause of a failed write: ``[Errno 28] No space left on device: '<file>'``; a DCP
-    ``CheckpointException`` is reduced to the first rank's underlying error."""
+    ``CheckpointException`` is reduced to the first rank's underlying error. ``torch.save`` on a full
+    disk only says ``unexpected pos``: with ``where`` (the directory written to) a full filesystem is named
+    as the cause."""
     if isinstance(err, CheckpointException):
         for rank, failure in sorted(err.failures.items()):
             inner = failure[0] if isinstance(failure, tuple) else failure
             if isinstance(inner, BaseException):
-                return f"{describe_error(inner)} (rank {rank} of the checkpoint writer)"
+                return f"{describe_error(inner, where)} (rank {rank} of the checkpoint writer)"
         return str(err).splitlines()[0]
     if isinstance(err, OSError) and err.strerror:
-        where = f": {err.filename!r}" if err.filename else ""
-        return f"[Errno {err.errno}] {err.strerror}{where}"
+        location = f": {err.filename!r}" if err.filename else ""
+        return f"[Errno {err.errno}] {err.strerror}{location}"
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0] if lines else 'no message'}"
+    message = f"{type(err).__name__}: {lines[0] if lines else 'no message'}"
+    free = free_bytes(where) if where is not None else None
+    if free is not None and free < FULL_BELOW_BYTES:
+        return f"no space left on the filesystem of {where} ({free // 1024} KiB free; {message})"
+    return message
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Bytes an unprivileged writer may still use on the filesystem of ``path`` (or its nearest existing
+    parent); ``None`` when it cannot be asked."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
 
 
 def optional_writer(what: str) -> Callable[[F], F]:

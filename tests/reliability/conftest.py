@@ -63,6 +63,11 @@ class Run:
                 child.wait()
         return subprocess.CompletedProcess(child.args, child.returncode, output)
 
+    def exit_codes(self) -> dict[int, int]:
+        """rank -> what ``launch/train.py``'s ``main`` returned there, in the latest launch that ended."""
+        path = Path(f"{self.step_log}.exits")
+        return {r["rank"]: r["exit"] for r in map(json.loads, path.read_text().splitlines())} if path.exists() else {}
+
     def losses(self) -> list[tuple[int, float]]:
         """Every ``(step, loss)`` rank 0 recorded, across all launches, in order."""
         if not self.step_log.exists():
@@ -132,11 +137,10 @@ def fill(disk: Path, leave: int) -> Path:
     """Fill the filesystem of ``disk`` with one file until it is full, then give back ``leave`` bytes;
     returns the file (delete it to free the space)."""
     filler = disk / "filler"
-    with open(filler, "wb") as out:
+    with open(filler, "wb", buffering=0) as out:
         try:
             while True:
                 out.write(b"\0" * (1 << 16))
-                out.flush()
         except OSError:
             pass
     os.truncate(filler, max(0, filler.stat().st_size - leave))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 from conftest import fill
@@ -20,6 +21,14 @@ from conftest import fill
 from dist_audio.train.checkpoint import complete_checkpoints
 
 CHECKPOINT_BYTES_FREE = 200_000  # a debug-SaShiMi checkpoint needs about 1 MB; config and events fit
+
+
+def assert_no_traceback_but_the_launchers(output: str, processes: int) -> None:
+    """No rank printed a traceback; with several processes ``accelerate launch`` prints its own report
+    of the failed workers (``ChildFailedError``), which is not ours to change."""
+    expected = 1 if processes > 1 else 0
+    assert output.count("Traceback (most recent call last)") == expected, output[-4000:]
+    assert processes == 1 or "ChildFailedError" in output
 
 
 def wait_for_step(run, child, step: int, timeout: float = 240) -> None:
@@ -40,6 +49,7 @@ def test_checkpoint_into_a_full_disk_exits_1_on_every_rank_and_resumes(make_run,
     before = dict(run.losses())
 
     filler = fill(small_disk, leave=CHECKPOINT_BYTES_FREE)
+    Path(f"{run.step_log}.exits").unlink()
     child = run.start("--set", "train.max_steps=6", "--resume", "auto", processes=processes, strategy=strategy)
     try:
         wait_for_step(run, child, 4)  # step 4's checkpoint is the one that meets the full disk
@@ -54,10 +64,10 @@ def test_checkpoint_into_a_full_disk_exits_1_on_every_rank_and_resumes(make_run,
     failures = [line for line in output.splitlines() if line.startswith("training failed:")]
     assert len(failures) == 1, output[-3000:]  # one line per machine (local rank 0)
     assert f"could not write checkpoint {run.run_dir / 'checkpoints' / 'step-4'}" in failures[0]
-    assert "No space left on device" in failures[0] and "newest complete checkpoint: step-2" in failures[0]
-    if processes > 1:  # the launcher reports each rank's exit code; both are 1, none was killed
-        assert output.count("exitcode  : 1") == processes, output[-4000:]
-    assert "Traceback" not in output.split("ChildFailedError")[0], output[-4000:]
+    assert re.search("No space left on device|no space left on the filesystem of", failures[0]), failures[0]
+    assert "newest complete checkpoint: step-2" in failures[0]
+    assert run.exit_codes() == dict.fromkeys(range(processes), 1)  # every rank stopped by itself with 1
+    assert_no_traceback_but_the_launchers(output, processes)
     root = run.run_dir / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step-2"]  # no .tmp-step-4 left
 
@@ -92,12 +102,14 @@ def test_full_disk_under_the_sample_log_stops_every_rank_at_that_step(make_run, 
     run = make_run("samples", "train.sample_log=true", "train.checkpoint_every=500", "log.tensorboard=false",
                    runs_dir=small_disk)
     assert run.launch("--set", "train.max_steps=2", processes=2).returncode == 0
+    Path(f"{run.step_log}.exits").unlink()
     filler = fill(small_disk, leave=4096)  # room for the config and a few more lines of the record
     done = run.launch("--set", "train.max_steps=500", "--resume", "auto", processes=2)
     assert done.returncode == 1, done.stdout[-3000:]
     failure = re.search(r"training failed: could not append step (\d+) to (\S+): \[Errno 28\]", done.stdout)
-    assert failure and failure.group(2).endswith("samples.jsonl:"), done.stdout[-3000:]
-    assert done.stdout.count("exitcode  : 1") == 2, done.stdout[-4000:]
+    assert failure and failure.group(2).endswith("samples.jsonl"), done.stdout[-3000:]
+    assert run.exit_codes() == {0: 1, 1: 1}
+    assert_no_traceback_but_the_launchers(done.stdout, 2)
     failed_step = int(failure.group(1))
     assert max(step for step, _ in run.losses()) == failed_step  # both ranks stopped at that step
     lines = (run.run_dir / "samples.jsonl").read_text().splitlines()
