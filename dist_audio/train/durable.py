@@ -79,15 +79,20 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
 def append_line(path: str | Path, line: str) -> None:
     """Append one line and fsync it, so a line that was reported written survives a node loss. A line
     that does not fit on the disk is cut back off, so the file never ends in half a line."""
-    with open(path, "ab") as out:
-        size = out.tell()
+    data = line.rstrip("\n").encode() + b"\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
         try:
-            out.write(line.rstrip("\n").encode() + b"\n")
-            out.flush()
-            os.fsync(out.fileno())
+            written = 0
+            while written < len(data):  # a write to a nearly full disk may take only part of it
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
         except OSError:
-            out.truncate(size)
+            os.ftruncate(fd, size)
             raise
+    finally:
+        os.close(fd)
 
 
 def file_digest(path: str | Path) -> str:
