@@ -479,9 +479,12 @@ class Trainer:
 
         return {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
 
-    @staticmethod
-    def restore_signal_handlers(previous: dict[int, Any]) -> None:
+    def restore_signal_handlers(self, previous: dict[int, Any]) -> None:
+        """Put the handlers from before ``train()`` back; after a stop by signal, a ``RepeatedSignalGuard``
+        in front of them drops the repeats that may still arrive while the process exits."""
         for sig, handler in previous.items():
+            if self.stop_signal is not None:
+                handler = RepeatedSignalGuard(handler, self.stop_time)
             signal.signal(sig, handler)
 
     def stop_requested(self) -> bool:
@@ -493,6 +496,23 @@ class Trainer:
         if failed:
             raise TrainingError(self.write_failure or "the main process could not write the sample log")
         return stop > 0
+
+
+class RepeatedSignalGuard:
+    """A signal handler that ignores the signal until ``SIGNAL_REPEAT_WINDOW_S`` after ``since`` (a repeat
+    of the one that stopped training), then hands it to ``previous`` (the default: the process dies)."""
+
+    def __init__(self, previous: Any, since: float):
+        self.previous, self.since = previous, since
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if time.monotonic() - self.since < SIGNAL_REPEAT_WINDOW_S:
+            return
+        signal.signal(signum, self.previous)
+        if callable(self.previous):
+            self.previous(signum, frame)
+        elif self.previous != signal.SIG_IGN:
+            os.kill(os.getpid(), signum)
 
 
 class _Window:
@@ -557,6 +577,9 @@ def run_training(cfg: RunConfig, *, resume: bool, overwrite: bool, changes: list
     accelerator = make_accelerator(batch.apply(cfg))
     prepare_run_dir(accelerator, cfg.run_dir, overwrite=overwrite)
     result = Trainer(cfg, accelerator, resume=resume, batch=batch, changes=changes).train()
+    if result.stopped_by:  # the process exits now: a late repeat must not kill it in the interpreter's
+        for sig in STOP_SIGNALS:  # teardown, where Python handlers are gone (SIGKILL still works)
+            signal.signal(sig, signal.SIG_IGN)
     accelerator.end_training()
     return result
 

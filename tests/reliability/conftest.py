@@ -35,9 +35,9 @@ class Run:
     def args(self, *extra: str) -> list[str]:
         return ["--config", str(self.config), *[a for item in self.overrides for a in ("--set", item)], *extra]
 
-    def start(self, *extra: str, fault: str | None = None, processes: int = 1,
-              strategy: str = "ddp") -> subprocess.Popen:
-        """Start training as a real process (its own session; output on ``stdout``); ``processes > 1``
+    def start(self, *extra: str, fault: str | None = None, processes: int = 1, strategy: str = "ddp",
+              script: Path = FAULTY_TRAIN) -> subprocess.Popen:
+        """Start ``script`` as a real process (its own session; output on ``stdout``); ``processes > 1``
         under ``accelerate launch`` with ``configs/accelerate/<strategy>.yaml`` (gloo on CPU)."""
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
                "DIST_AUDIO_STEP_LOG": str(self.step_log)}
@@ -48,13 +48,13 @@ class Run:
         if processes > 1:
             prefix += ["-m", "accelerate.commands.launch", "--num_processes", str(processes), "--config_file",
                        str(REPO / f"configs/accelerate/{strategy}.yaml"), "--main_process_port", str(free_port())]
-        return subprocess.Popen([*prefix, str(FAULTY_TRAIN), *self.args(*extra)], cwd=REPO, env=env, text=True,
+        return subprocess.Popen([*prefix, str(script), *self.args(*extra)], cwd=REPO, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
     def launch(self, *extra: str, fault: str | None = None, processes: int = 1, strategy: str = "ddp",
-               timeout: float = 300) -> subprocess.CompletedProcess:
+               script: Path = FAULTY_TRAIN, timeout: float = 300) -> subprocess.CompletedProcess:
         """Run to the end (or to the injected fault); ``stdout`` holds stdout and stderr together."""
-        child = self.start(*extra, fault=fault, processes=processes, strategy=strategy)
+        child = self.start(*extra, fault=fault, processes=processes, strategy=strategy, script=script)
         try:
             output, _ = child.communicate(timeout=timeout)
         finally:
