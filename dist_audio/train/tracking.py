@@ -20,8 +20,10 @@ from accelerate import Accelerator
 from matplotlib import colormaps
 
 from dist_audio.config import LogConfig, RunConfig, config_to_dict
+from dist_audio.train.durable import optional_writer
 
 TRACKER_DIR = "tb"  # the tracker's run name: events land in <run_dir>/tb/
+tensorboard_writes = optional_writer("TensorBoard logging")  # a full disk stops the events, not the run
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -35,6 +37,7 @@ def peak_memory_gib(device: torch.device) -> float:
 class Tracking:
     """Scalars, audio, spectrograms and hparams for one run; a no-op on every rank but the main one."""
 
+    @tensorboard_writes
     def __init__(self, accelerator: Accelerator, log_cfg: LogConfig, run_dir: Path):
         self.accelerator = accelerator
         self.writer = None
@@ -44,10 +47,12 @@ class Tracking:
                 self.writer = accelerator.get_tracker("tensorboard", unwrap=True)
         self.log_dir = Path(run_dir) / TRACKER_DIR
 
+    @tensorboard_writes
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         if self.writer is not None:
             self.accelerator.log(dict(values), step=step)
 
+    @tensorboard_writes
     def audio(self, clips: Mapping[str, torch.Tensor], sample_rate: int, step: int) -> None:
         """One mono tag per channel of each ``[C, T]`` clip, and one spectrogram image per clip."""
         if self.writer is None:
@@ -59,6 +64,7 @@ class Tracking:
             self.writer.add_image(f"spectrogram/{name}", spectrogram_image(clip.mean(0)), step, dataformats="HWC")
         self.writer.flush()
 
+    @tensorboard_writes
     def hparams(self, cfg: RunConfig, final_metrics: Mapping[str, float]) -> None:
         """The flattened config next to the final metrics (TensorBoard's HPARAMS tab)."""
         if self.writer is None:
@@ -69,6 +75,7 @@ class Tracking:
         self.writer.add_hparams(hparams, metrics, run_name=".", global_step=None)
         self.writer.flush()
 
+    @tensorboard_writes
     def close(self) -> None:
         """Flush and close the event files (the process group stays up, unlike ``end_training``)."""
         for tracker in self.accelerator.trackers:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,9 +35,10 @@ class Run:
     def args(self, *extra: str) -> list[str]:
         return ["--config", str(self.config), *[a for item in self.overrides for a in ("--set", item)], *extra]
 
-    def start(self, *extra: str, fault: str | None = None, processes: int = 1) -> subprocess.Popen:
-        """Start training as a real process (its own session; output on ``stdout``); ``processes > 1``
-        under ``accelerate launch`` with the DDP config (gloo on CPU)."""
+    def start(self, *extra: str, fault: str | None = None, processes: int = 1, strategy: str = "ddp",
+              script: Path = FAULTY_TRAIN) -> subprocess.Popen:
+        """Start ``script`` as a real process (its own session; output on ``stdout``); ``processes > 1``
+        under ``accelerate launch`` with ``configs/accelerate/<strategy>.yaml`` (gloo on CPU)."""
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
                "DIST_AUDIO_STEP_LOG": str(self.step_log)}
         env.pop("DIST_AUDIO_FAULT", None)
@@ -45,14 +47,14 @@ class Run:
         prefix = [sys.executable]
         if processes > 1:
             prefix += ["-m", "accelerate.commands.launch", "--num_processes", str(processes), "--config_file",
-                       str(REPO / "configs/accelerate/ddp.yaml"), "--main_process_port", str(free_port())]
-        return subprocess.Popen([*prefix, str(FAULTY_TRAIN), *self.args(*extra)], cwd=REPO, env=env, text=True,
+                       str(REPO / f"configs/accelerate/{strategy}.yaml"), "--main_process_port", str(free_port())]
+        return subprocess.Popen([*prefix, str(script), *self.args(*extra)], cwd=REPO, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def launch(self, *extra: str, fault: str | None = None, processes: int = 1,
-               timeout: float = 300) -> subprocess.CompletedProcess:
+    def launch(self, *extra: str, fault: str | None = None, processes: int = 1, strategy: str = "ddp",
+               script: Path = FAULTY_TRAIN, timeout: float = 300) -> subprocess.CompletedProcess:
         """Run to the end (or to the injected fault); ``stdout`` holds stdout and stderr together."""
-        child = self.start(*extra, fault=fault, processes=processes)
+        child = self.start(*extra, fault=fault, processes=processes, strategy=strategy, script=script)
         try:
             output, _ = child.communicate(timeout=timeout)
         finally:
@@ -61,12 +63,39 @@ class Run:
                 child.wait()
         return subprocess.CompletedProcess(child.args, child.returncode, output)
 
+    def exit_codes(self) -> dict[int, int]:
+        """rank -> what ``launch/train.py``'s ``main`` returned there, in the latest launch that ended."""
+        path = Path(f"{self.step_log}.exits")
+        return {r["rank"]: r["exit"] for r in map(json.loads, path.read_text().splitlines())} if path.exists() else {}
+
     def losses(self) -> list[tuple[int, float]]:
         """Every ``(step, loss)`` rank 0 recorded, across all launches, in order."""
         if not self.step_log.exists():
             return []
         lines = self.step_log.read_text().split("\n")[:-1]  # a last line without "\n" is still being written
         return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
+
+
+def rank_pids(launcher: int) -> list[int]:
+    """The training ranks started (at any depth) under process ``launcher``: those with ``LOCAL_RANK``
+    in their environment, found through ``/proc`` (Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # "pid (name) state ppid ..."
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [launcher]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            try:
+                if b"\0LOCAL_RANK=" in b"\0" + Path(f"/proc/{child}/environ").read_bytes():
+                    found.append(child)
+            except OSError:
+                continue
+    return sorted(found)
 
 
 def free_port() -> int:
@@ -77,11 +106,42 @@ def free_port() -> int:
 
 @pytest.fixture
 def make_run(tmp_path, speech_shards):
-    """``make_run(name, *overrides, shards=...) -> Run``: the debug SaShiMi under ``tmp_path/runs``."""
+    """``make_run(name, *overrides, shards=..., runs_dir=...) -> Run``: the debug SaShiMi under
+    ``runs_dir`` (default ``tmp_path/runs``)."""
 
-    def make(name: str, *overrides: str, shards: Path = speech_shards) -> Run:
-        items = [f"data.shards={shards}", f"train.runs_dir={tmp_path / 'runs'}", f"train.name={name}",
-                 *QUICK, *overrides]
-        return Run(SASHIMI_DEBUG, items, tmp_path / "runs" / name, tmp_path / f"{name}.steps.jsonl")
+    def make(name: str, *overrides: str, shards: Path = speech_shards, runs_dir: Path | None = None) -> Run:
+        runs_dir = runs_dir or tmp_path / "runs"
+        items = [f"data.shards={shards}", f"train.runs_dir={runs_dir}", f"train.name={name}", *QUICK, *overrides]
+        return Run(SASHIMI_DEBUG, items, runs_dir / name, tmp_path / f"{name}.steps.jsonl")
 
     return make
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 8 MB filesystem (tmpfs) at ``tmp_path/disk``, unmounted after the test; skipped where this
+    process may not mount one (not root, no CAP_SYS_ADMIN, not Linux)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True,
+                             text=True) if shutil.which("mount") else None
+    if mounted is None or mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() if mounted else 'no mount command'}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill the filesystem of ``disk`` with one file until it is full, then give back ``leave`` bytes;
+    returns the file (delete it to free the space)."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as out:
+        try:
+            while True:
+                out.write(b"\0" * (1 << 16))
+        except OSError:
+            pass
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
