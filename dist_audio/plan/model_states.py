@@ -35,6 +35,10 @@ from torch import nn
 STRATEGIES = ("ddp", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_offload")
 PRECISIONS = ("fp32", "bf16")
 OFFLOAD_STRATEGIES = ("zero3_offload", "fsdp_offload")
+# How bf16 reaches the model under each engine (``trace.BF16_AS``): Accelerate's autocast for DDP,
+# bf16 parameters (module.bfloat16()) under DeepSpeed, per-unit MixedPrecisionPolicy under FSDP2.
+BF16_AS = {"ddp": "autocast", "zero2": "parameters", "zero3": "parameters", "zero3_offload": "parameters",
+           "fsdp": "fsdp2", "fsdp_offload": "fsdp2"}
 
 # DeepSpeed defaults (Accelerate leaves them at DeepSpeed's values for models without a HF config).
 DEEPSPEED_PERSISTENCE_THRESHOLD = 100_000  # parameters with fewer elements stay whole on every rank
