@@ -35,7 +35,16 @@ from dist_audio.plan.model_states import (
     model_states,
     param_layout,
 )
-from dist_audio.plan.trace import CUDA_SEGMENT, StepTrace, TraceKey, TracePool, Tracer, Workload, default_workers
+from dist_audio.plan.trace import (
+    CUDA_SEGMENT,
+    StepTrace,
+    TraceCache,
+    TraceKey,
+    TracePool,
+    Tracer,
+    Workload,
+    default_workers,
+)
 
 GIB = 1024**3
 CHECKPOINTING = ("none", "blocks")
@@ -108,7 +117,10 @@ def config_workload(cfg: RunConfig) -> Workload:
         x = torch.cat([torch.zeros(batch_size, 1, dtype=torch.long), y[:, :-1]], dim=1)
         return {"x": x, "y": y, "keys": keys, "skipped": torch.zeros((), dtype=torch.long)}
 
+    identity = json.dumps({"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
+                           "weight_decay": cfg.optim.weight_decay}, sort_keys=True, default=str)
     return Workload(
+        identity=identity,
         build_model=lambda: build_model(cfg.model),
         make_batch=make_batch,
         loss=lambda model, batch: objective.loss(model, batch)[0],
@@ -210,7 +222,8 @@ class Plan:
     inputs: dict[str, Any]
     seconds: float  # whole plan
     table_seconds: float  # the 24 rows (4 traced steps), before the micro-batch / segment search
-    traces: int
+    traces: int  # distinct steps the plan used
+    traces_from_cache: int = 0  # of which read from the on-disk cache
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -231,6 +244,7 @@ class Plan:
             "planner_seconds": round(self.seconds, 2),
             "table_seconds": round(self.table_seconds, 2),
             "traces": self.traces,
+            "traces_from_cache": self.traces_from_cache,
         }
 
 
@@ -239,12 +253,13 @@ class Planner:
     cluster shape."""
 
     def __init__(self, workload: Workload, layout: ParamLayout, *, gpus: int, nodes: int = 1,
-                 gpu_memory: int, margin: float = 0.1, cuda: bool = True, workers: int | None = None):
+                 gpu_memory: int, margin: float = 0.1, cuda: bool = True, workers: int | None = None,
+                 cache: TraceCache | None = None):
         self.workload, self.layout, self.cuda = workload, layout, cuda
         self.gpus, self.nodes, self.world = gpus, nodes, gpus * nodes
         self.budget = gpu_memory * (1.0 - margin)
         self.tracer = Tracer(workload, cuda=cuda)
-        self.pool = TracePool(self.tracer, default_workers() if workers is None else workers)
+        self.pool = TracePool(self.tracer, default_workers() if workers is None else workers, cache)
 
     @staticmethod
     def key(strategy: str, batch_size: int, length: int, precision: str, checkpointing: str) -> TraceKey:
@@ -334,9 +349,11 @@ class Planner:
 
 def make_plan(cfg: RunConfig, *, gpus: int, gpu_memory: int, nodes: int = 1, margin: float = 0.1,
               sample_rate: int | None = None, workload: Workload | None = None, cuda: bool = True,
-              config_path: str = "CONFIG", workers: int | None = None) -> Plan:
+              config_path: str = "CONFIG", workers: int | None = None,
+              cache_dir: str | Path | None = None) -> Plan:
     """Plan ``cfg`` on ``nodes`` × ``gpus`` GPUs of ``gpu_memory`` bytes each; ``workers`` tracing
-    processes (default: one per usable core; 1 traces in this process)."""
+    processes (default: one per usable core; 1 traces in this process); traces kept in ``cache_dir``
+    (default: none kept)."""
     start = time.perf_counter()
     workload = workload or config_workload(cfg)
     with torch.device("meta"):
@@ -346,7 +363,7 @@ def make_plan(cfg: RunConfig, *, gpus: int, gpu_memory: int, nodes: int = 1, mar
     batch = cfg.data.batch_size
     length = max(2, multiple * math.ceil(round(cfg.data.segment_seconds * rate) / multiple))
     planner = Planner(workload, layout, gpus=gpus, nodes=nodes, gpu_memory=gpu_memory, margin=margin, cuda=cuda,
-                      workers=workers)
+                      workers=workers, cache=TraceCache(cache_dir) if cache_dir is not None else None)
     try:
         rows = planner.rows(batch, length)
         table_seconds = time.perf_counter() - start
@@ -358,7 +375,7 @@ def make_plan(cfg: RunConfig, *, gpus: int, gpu_memory: int, nodes: int = 1, mar
         length_cap = min(int(MAX_SEGMENT_SECONDS * rate), workload.max_length or math.inf)
         (max_batch, batch_error, batch_capped), (max_length, length_error, length_capped) = planner.largest_along(
             [(searched, batch, length, "batch", MAX_MICRO_BATCH), (searched, batch, length, "length", length_cap)])
-        traces = planner.traces
+        traces, from_cache = planner.traces, planner.pool.from_cache
     finally:
         planner.close()
     world = gpus * nodes
@@ -399,7 +416,8 @@ def make_plan(cfg: RunConfig, *, gpus: int, gpu_memory: int, nodes: int = 1, mar
                 "length": length, "parameters": layout.total, "largest_block_parameters": layout.largest_unit,
                 "blocks": layout.units, "offload_host_gib_is": "per node",
                 "offload_strategies": list(OFFLOAD_STRATEGIES)},
-        seconds=time.perf_counter() - start, table_seconds=table_seconds, traces=traces, notes=notes,
+        seconds=time.perf_counter() - start, table_seconds=table_seconds, traces=traces,
+        traces_from_cache=from_cache, notes=notes,
     )
 
 

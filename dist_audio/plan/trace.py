@@ -22,20 +22,25 @@ as ``shard_with_fsdp2`` sets it: parameters bf16 except those of the model's ``f
 block's and each fp32 module's floating inputs cast to its parameter dtype, the root's inputs left alone).
 The model's float32 islands (``dist_audio.models.precision``) then upcast what they need, as in training.
 
-``TracePool`` runs traces in forked worker processes, so independent shapes trace side by side.
+``TracePool`` runs traces in forked worker processes, so independent shapes trace side by side, and
+keeps them in an on-disk ``TraceCache`` when given one: a trace depends only on the step (the
+workload's ``identity``), its key, the CUDA terms, torch and the source of the code that runs it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import multiprocessing
 import os
+import pickle
 import time
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,6 +77,7 @@ class Workload:
     block_classes: tuple[type[nn.Module], ...]
     length_multiple: int = 1  # lengths the model accepts are multiples of this (SaShiMi's pooling)
     max_length: int | None = None  # longest input the model accepts (S4-DPLR's l_max), None = any
+    identity: str | None = None  # what the step computes, for the on-disk trace cache (None: not cached)
 
 
 @dataclass(frozen=True)
@@ -348,6 +354,55 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+# the code a trace runs, relative to the package root: a change to any of it invalidates cached traces
+_TRACED_SOURCES = ("models", "objectives", "plan/trace.py", "train/parallelize.py", "config.py")
+
+
+def _source_digest() -> str:
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(torch.__version__.encode())
+    for entry in _TRACED_SOURCES:
+        for path in sorted((root / entry).rglob("*.py")) if (root / entry).is_dir() else [root / entry]:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """``$DIST_AUDIO_PLAN_CACHE``, else ``$XDG_CACHE_HOME/dist_audio/plan`` (``~/.cache/dist_audio/plan``)."""
+    if os.environ.get("DIST_AUDIO_PLAN_CACHE"):
+        return Path(os.environ["DIST_AUDIO_PLAN_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dist_audio" / "plan"
+
+
+class TraceCache:
+    """Traces on disk, one pickle per (workload identity, key, CUDA terms, torch + traced source)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self._digest = _source_digest()
+
+    def _path(self, identity: str, key: TraceKey, cuda: bool) -> Path:
+        name = hashlib.sha256(repr((self._digest, identity, key, cuda)).encode()).hexdigest()
+        return self.directory / f"{name}.pkl"
+
+    def load(self, identity: str, key: TraceKey, cuda: bool) -> StepTrace | None:
+        try:
+            trace = pickle.loads(self._path(identity, key, cuda).read_bytes())
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError):
+            return None
+        return trace if isinstance(trace, StepTrace) else None
+
+    def save(self, identity: str, key: TraceKey, cuda: bool, trace: StepTrace) -> None:
+        path = self._path(identity, key, cuda)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_bytes(pickle.dumps(trace))
+            os.replace(partial, path)
+        except OSError:  # a read-only or full cache only costs the next run its time
+            pass
+
+
 class TracePool:
     """Traces keyed steps of one ``Tracer``, memoised, in ``workers`` forked processes (in-process with 1).
 
@@ -358,15 +413,33 @@ class TracePool:
     tracing stays in this process.
     """
 
-    def __init__(self, tracer: Tracer, workers: int = 1):
+    def __init__(self, tracer: Tracer, workers: int = 1, cache: TraceCache | None = None):
         self.tracer, self.workers = tracer, workers
+        identity = tracer.workload.identity
+        self.cache = cache if identity is not None else None
         self._futures: dict[TraceKey, Future] = {}
         self._executor: ProcessPoolExecutor | None = None
+        self._stored: set[TraceKey] = set()  # in the cache already
+        self.from_cache = 0  # traces read from the cache rather than traced
+
+    def _cached(self, key: TraceKey) -> bool:
+        """Whether ``key`` is now known from the cache (then its result is ready)."""
+        if self.cache is None:
+            return False
+        trace = self.cache.load(self.tracer.workload.identity, key, self.tracer.cuda)  # type: ignore[arg-type]
+        if trace is None:
+            return False
+        future: Future = Future()
+        future.set_result(trace)
+        self._futures[key] = future
+        self._stored.add(key)
+        self.from_cache += 1
+        return True
 
     def prefetch(self, keys: Iterable[TraceKey]) -> None:
         """Start tracing ``keys`` not traced or tracing yet (in-process: traced when asked for)."""
         global _POOL_TRACER
-        keys = [key for key in dict.fromkeys(keys) if key not in self._futures]
+        keys = [key for key in dict.fromkeys(keys) if key not in self._futures and not self._cached(key)]
         if self.workers <= 1 or not keys:
             return
         if self._executor is None:
@@ -389,7 +462,11 @@ class TracePool:
             future: Future = Future()
             future.set_result(_trace(self.tracer, key))
             self._futures[key] = future
-        return self._futures[key].result()
+        trace = self._futures[key].result()
+        if self.cache is not None and key not in self._stored:
+            self._stored.add(key)
+            self.cache.save(self.tracer.workload.identity, key, self.tracer.cuda, trace)  # type: ignore[arg-type]
+        return trace
 
     def __len__(self) -> int:
         return len(self._futures)
