@@ -23,7 +23,9 @@ fsdp_offload   c(R + 2U)                   (4(R + U) unsharded)                0
 
 ``[+ 4P/N]`` is DeepSpeed's fp32 gradient partition under bf16; ``bucket`` is DeepSpeed's reduce
 bucket (``reduce_bucket_size`` elements, at most ``P``); ``2U`` is the block being computed plus the
-one prefetched.
+one prefetched. Under FSDP2 bf16 the model's ``fp32_classes`` are units of their own gathered in fp32;
+they are counted at ``c`` here (SaShiMi's SSM kernels: 5 % of its parameters). What the engines do to
+activations under bf16 is traced, not modelled (``trace.BF16_AS``, ``BF16_AS`` below).
 """
 
 from __future__ import annotations
