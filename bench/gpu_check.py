@@ -181,7 +181,7 @@ def run_jobs(jobs: list[Job], *, parallel: int, deadline: float, env: dict[str, 
         held = sum(j.gpu_gib for j in running)
         while queue and len(running) < parallel and (not running or held + queue[0].gpu_gib <= gpu_budget_gib):
             job = queue.pop(0)
-            job.log = open(logs / f"{job.name.replace('/', '_')}.log", "w+")  # noqa: SIM115
+            job.log = open(logs / f"{job.name.replace('/', '_')}.log", "w+")
             job.started = time.perf_counter()
             job.proc = subprocess.Popen(job.argv, cwd=ROOT, env=env, stdout=job.log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
@@ -218,11 +218,12 @@ def launch_argv(strategy: str, script: str, *args: str) -> list[str]:
 
 def worker_job(work: Path, name: str, kind: str, job: dict[str, Any], done: Callable[[Job], list[Job] | None], *,
                strategy: str | None = None, gpu_gib: float = 1.0, limit: float = 600.0) -> Job:
-    """A ``bench/gpu_workers.py KIND`` job (launched under ``strategy`` when given)."""
+    """A ``bench/gpu_workers.py KIND`` job, under ``accelerate launch`` with ``strategy``'s file when given
+    (``single`` runs as plain ``python``, as ``python launch/train.py`` does: the same process setup)."""
     slug = name.replace("/", "_")
     job_file, result = work / "jobs" / f"{slug}.json", work / "jobs" / f"{slug}.out.json"
     job_file.write_text(json.dumps({**job, "out": str(result)}))
-    argv = (launch_argv(strategy, "bench/gpu_workers.py", kind, str(job_file)) if strategy
+    argv = (launch_argv(strategy, "bench/gpu_workers.py", kind, str(job_file)) if strategy not in (None, "single")
             else [sys.executable, str(ROOT / "bench" / "gpu_workers.py"), kind, str(job_file)])
     return Job(name, argv, result, done, gpu_gib=gpu_gib, limit=limit)
 
@@ -296,6 +297,9 @@ class GpuCheck:
                              "?")
             passed = next((ln.split("test mode passed: ", 1)[1].split("; run directory")[0]
                            for ln in job.output.splitlines() if "test mode passed" in ln), None)
+            if passed:  # "losses {1: 5.74027..., ...}" → "losses 5.740 5.374 ..."
+                losses = [float(v.split(":")[1]) for v in passed.removeprefix("losses {").rstrip("}").split(",")]
+                passed = "losses " + " ".join(f"{v:.4f}" for v in losses)
             if job.rc == 0 and passed:
                 self.report.add(name, "pass", f"{in_effect}; {passed}; {job.seconds:.0f} s", seconds=job.seconds)
             else:
@@ -304,47 +308,46 @@ class GpuCheck:
         return Job(name, argv, None, done, gpu_gib=2.0, limit=self.mode.limits["launches"])
 
     def memory_plan_jobs(self) -> list[Job]:
-        jobs = []
-        for config in MEMORY_CONFIGS:
-            job = {"config": str(ROOT / "configs" / f"{config}.yaml"), "overrides": self.mode.memory_overrides,
-                   "gpu_memory": int((self.gpu_gib or 80) * GIB)}
-            jobs.append(worker_job(self.work, f"plan/{config}", "plan", job, self.memory_step_jobs(config, job),
-                                   gpu_gib=0.0, limit=self.mode.limits["launches"]))
-        return jobs
-
-    def memory_step_jobs(self, config: str, plan_job: dict[str, Any]) -> Callable[[Job], list[Job]]:
-        """After the planner: one launch per strategy running its fitting rows one after another."""
-        short = config.split("/")[1]
+        """The planner for both configs (one process), then one launch per strategy running its fitting
+        rows one after another."""
+        configs = {str(ROOT / "configs" / f"{config}.yaml"): config.split("/")[1] for config in MEMORY_CONFIGS}
+        overrides = self.mode.memory_overrides
 
         def done(job: Job) -> list[Job]:
-            plan = job.value()
-            if plan is None:
-                self.report.add(f"memory/{short}", "fail", f"planner failed: {job.failure()}")
-                return []
-            rows = {}
-            for row in plan["rows"]:
-                strategy = "single" if row["strategy"] == "ddp" else row["strategy"]
-                name = f"memory/{short}/{strategy}/{row['activation_checkpointing']}/{row['precision']}"
-                if not row["fits"]:
-                    self.report.add(name, "skipped", f"the planner says it does not fit: "
-                                                     f"{row['per_gpu_gib']['total']:.2f} GiB predicted")
-                elif strategy not in self.mode.memory_strategies:
-                    self.report.add(name, "skipped", "dry run: launched on the GPU only")
-                else:
-                    rows.setdefault(strategy, []).append({"name": name, **row})
+            plans = job.value() or {}
             jobs = []
-            for strategy, chosen in rows.items():
-                step = {"config": plan_job["config"], "overrides": plan_job["overrides"],
-                        "rows": [{"activation_checkpointing": r["activation_checkpointing"],
-                                  "precision": r["precision"]} for r in chosen],
-                        "batch": plan["micro_batch"], "length": plan["length"], "warmup": 0, "steps": 1}
-                gib = max(r["per_gpu_gib"]["total"] for r in chosen) + 1.0
-                jobs.append(worker_job(self.work, f"steps/{short}/{strategy}", "steps", step,
-                                       self.memory_rows_done(chosen), strategy=strategy, gpu_gib=gib,
-                                       limit=self.mode.limits["launches"]))
+            for path, short in configs.items():
+                if path not in plans:
+                    self.report.add(f"memory/{short}", "fail", f"planner failed: {job.failure()}")
+                    continue
+                jobs += self.memory_step_jobs(path, short, overrides, plans[path])
             return jobs
 
-        return done
+        job = {"configs": list(configs), "overrides": overrides, "gpu_memory": int((self.gpu_gib or 80) * GIB)}
+        return [worker_job(self.work, "plan", "plan", job, done, gpu_gib=0.0, limit=self.mode.limits["launches"])]
+
+    def memory_step_jobs(self, path: str, short: str, overrides: list[str], plan: dict[str, Any]) -> list[Job]:
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for row in plan["rows"]:
+            strategy = "single" if row["strategy"] == "ddp" else row["strategy"]  # world size 1
+            name = f"memory/{short}/{strategy}/{row['activation_checkpointing']}/{row['precision']}"
+            if not row["fits"]:
+                self.report.add(name, "skipped", f"the planner says it does not fit: "
+                                                 f"{row['per_gpu_gib']['total']:.2f} GiB predicted")
+            elif strategy not in self.mode.memory_strategies:
+                self.report.add(name, "skipped", "dry run: launched on the GPU only")
+            else:
+                rows.setdefault(strategy, []).append({"name": name, **row})
+        jobs = []
+        for strategy, chosen in rows.items():
+            step = {"config": path, "overrides": overrides,
+                    "rows": [{"activation_checkpointing": r["activation_checkpointing"], "precision": r["precision"]}
+                             for r in chosen],
+                    "batch": plan["micro_batch"], "length": plan["length"], "warmup": 0, "steps": 1}
+            gib = max(r["per_gpu_gib"]["total"] for r in chosen) + 1.0
+            jobs.append(worker_job(self.work, f"steps/{short}/{strategy}", "steps", step, self.memory_rows_done(chosen),
+                                   strategy=strategy, gpu_gib=gib, limit=self.mode.limits["launches"]))
+        return jobs
 
     def memory_rows_done(self, chosen: list[dict[str, Any]]) -> Callable[[Job], None]:
         from dist_audio.plan.planner import CUDA_RUNTIME_RESERVE
@@ -548,7 +551,7 @@ def environment(mode: Mode) -> dict[str, Any]:
     for package in ("accelerate", "deepspeed"):
         try:
             info[package] = __import__(package).__version__
-        except Exception as err:  # noqa: BLE001 — reported, the checks that need it fail on their own
+        except Exception as err:  # reported, the checks that need it fail on their own
             info[package] = f"not importable: {err}"
     return info
 
@@ -569,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     for phase in (check.setup, check.launches, check.throughput, check.generation, check.auto_fit):
         try:
             phase()
-        except Exception as err:  # noqa: BLE001 — a broken phase is reported; the next one runs
+        except Exception as err:  # a broken phase is reported; the next one runs
             from bench.gpu_workers import _summary
 
             check.report.add(f"{phase.__name__}", "fail", f"the check itself failed: {_summary(err)}")
