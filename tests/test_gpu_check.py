@@ -32,11 +32,13 @@ def test_dry_run_reports_every_check(tmp_path: Path):
     expected += [f"memory/{c.split('/')[1]}/{s}/{ac}/{p}" for c in MEMORY_CONFIGS for s in STRATEGIES
                  for ac in ("none", "blocks") for p in ("fp32", "bf16")]
     expected += [f"throughput/{c}/{p}" for c in ("sc09", "seed-003") for p in ("fp32", "bf16")]
-    expected += ["generate/seed-000/batch1", "generate/seed-000/batch2", "auto_fit", "setup/data"]
+    expected += ["generate/seed-000/batch1", "generate/seed-000/batch2", "auto_fit", "setup/data",
+                 "setup/deepspeed_cpu_adam"]
     assert sorted(expected) == sorted(checks)
     ran = [f"test_mode/{s}/{p}/{m}" for s, p, m in make_mode(True).test_mode]
     assert all(checks[name]["status"] == "pass" for name in ran)
-    assert all(checks[f"throughput/{c}/{p}"]["status"] == "pass" for c in ("sc09", "seed-003") for p in ("fp32", "bf16"))
+    throughput = [f"throughput/{c}/{p}" for c in ("sc09", "seed-003") for p in ("fp32", "bf16")]
+    assert all(checks[name]["status"] == "pass" for name in throughput)
     # the CPU-less parts are skipped with their reason, after running what surrounds them
     assert "no CPU form" in checks["auto_fit"]["detail"] and "losses max rel. diff" in checks["auto_fit"]["detail"]
     assert "CUDA graphs have no CPU form" in checks["generate/seed-000/batch2"]["detail"]
