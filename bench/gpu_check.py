@@ -517,6 +517,10 @@ class GpuCheck:
                 self.report.add("auto_fit", "fail", job.failure())
                 return
             reference, run = result["reference"], result["runs"][-1]
+            if "error" in run:
+                self.report.add("auto_fit", "fail", "; ".join(f"cap {r['cap_gib']:.3f} GiB: {r.get('error', 'ran')}"
+                                                              for r in result["runs"]), runs=result["runs"])
+                return
             diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(run["losses"], reference["losses"]))
             same = (len(run["losses"]) == len(reference["losses"]) and diff <= LOSS_RTOL
                     and run["global_batch"] == reference["global_batch"]

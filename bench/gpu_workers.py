@@ -247,9 +247,13 @@ def auto_fit(job: dict[str, Any]) -> dict[str, Any]:
         for fraction in job["cap_fractions"]:
             # the cap is on reserved memory: what the step held before it started, plus a share of its growth
             cap = reference["before_gib"] + fraction * (reference["peak_gib"] - reference["before_gib"])
-            run = {"cap_gib": cap, **train(f"capped-{fraction}", int(cap * GIB))}
+            run: dict[str, Any] = {"cap_fraction": fraction, "cap_gib": cap}
+            try:
+                run |= train(f"capped-{fraction}", int(cap * GIB))
+            except Exception as err:  # e.g. AutoFitExhausted: the halved step did not fit either; a higher cap next
+                run["error"] = _summary(err)
             runs.append(run)
-            if run["oom_retries"]:
+            if "error" not in run and run["oom_retries"]:
                 break
     else:
         runs.append({"cap_gib": None, **train("unconstrained-auto-fit", None)})
