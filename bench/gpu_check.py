@@ -49,6 +49,7 @@ GENERATION_TARGET = 16_000  # samples/s at batch 16
 GENERATION_GOAL = 256_000  # 16 streams of 16 kHz in real time
 LOSS_RTOL = 1e-4  # auto_fit: same losses with split micro-batches (float summation order only)
 GIB = 2**30
+PHASES = ("setup", "test_mode", "memory", "throughput", "generate", "auto_fit")  # report order, by name prefix
 
 
 @dataclass
@@ -132,7 +133,8 @@ class Report:
                  f"{counts['pass']} pass, {counts['fail']} fail, {counts['skipped']} skipped.", "",
                  *[f"- {k}: {v}" for k, v in self.environment.items()], "",
                  "| check | status | detail |", "|---|---|---|"]
-        lines += [f"| {c['name']} | {c['status']} | {c['detail'].replace('|', '/')} |" for c in self.checks]
+        in_order = sorted(self.checks, key=lambda c: PHASES.index(c["name"].split("/")[0]))
+        lines += [f"| {c['name']} | {c['status']} | {c['detail'].replace('|', '/')} |" for c in in_order]
         (self.out / "gpu_check.md").write_text("\n".join(lines) + "\n")
 
 
@@ -605,13 +607,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     args.out.mkdir(parents=True, exist_ok=True)
     check = GpuCheck(args.out, make_mode(args.dry_run))
+    phase_names = {"setup": "setup", "launches": "test_mode", "throughput": "throughput", "generation": "generate",
+                   "auto_fit": "auto_fit"}
     for phase in (check.setup, check.launches, check.throughput, check.generation, check.auto_fit):
         try:
             phase()
         except Exception as err:  # a broken phase is reported; the next one runs
             from bench.gpu_workers import _summary
 
-            check.report.add(f"{phase.__name__}", "fail", f"the check itself failed: {_summary(err)}")
+            check.report.add(phase_names[phase.__name__], "fail", f"the check itself failed: {_summary(err)}")
     check.clean()
     check.report.write()
     counts = {s: sum(c["status"] == s for c in check.report.checks) for s in ("pass", "fail", "skipped")}
