@@ -598,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for gpu_check.md and gpu_check.json")
     parser.add_argument("--dry-run", action="store_true", help="the same checks on the CPU with tiny shapes")
+    parser.add_argument("--only", nargs="+", choices=PHASES[1:], metavar="CHECK",
+                        help=f"run only these checks ({', '.join(PHASES[1:])}; memory runs with test_mode), "
+                             "e.g. to re-run one that failed")
     args = parser.parse_args(argv)
     if not args.dry_run:
         import torch
@@ -609,7 +612,11 @@ def main(argv: list[str] | None = None) -> int:
     check = GpuCheck(args.out, make_mode(args.dry_run))
     phase_names = {"setup": "setup", "launches": "test_mode", "throughput": "throughput", "generation": "generate",
                    "auto_fit": "auto_fit"}
-    for phase in (check.setup, check.launches, check.throughput, check.generation, check.auto_fit):
+    wanted = set(args.only or PHASES)
+    phases = [(check.setup, wanted & {"test_mode", "memory", "auto_fit"}),
+              (check.launches, wanted & {"test_mode", "memory"}), (check.throughput, wanted & {"throughput"}),
+              (check.generation, wanted & {"generate"}), (check.auto_fit, wanted & {"auto_fit"})]
+    for phase in [phase for phase, needed in phases if needed]:
         try:
             phase()
         except Exception as err:  # a broken phase is reported; the next one runs

@@ -10,12 +10,31 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gpu_check import MEMORY_CONFIGS, STRATEGIES, make_mode  # noqa: E402
+from gpu_check import MEMORY_CONFIGS, STRATEGIES, Job, child_environment, make_mode, run_jobs  # noqa: E402
+
+
+def test_jobs_that_hang_or_fail_are_reported_and_the_others_finish(tmp_path: Path):
+    (tmp_path / "logs").mkdir()
+    done: list[Job] = []
+    late = Job("late", [sys.executable, "-c", "pass"], None, done.append)
+    jobs = [Job("hangs", [sys.executable, "-c", "import time; time.sleep(60)"], None,
+                lambda job: [done.append(job), late][1:]),  # its follow-up comes after the deadline
+            Job("raises", [sys.executable, "-c", "raise ValueError('bad shape')"], None, done.append),
+            Job("works", [sys.executable, "-c", "print('fine')"], None, done.append)]
+    start = time.perf_counter()
+    run_jobs(jobs, parallel=3, deadline=start + 3.0, env=child_environment(True), logs=tmp_path / "logs")
+    results = {job.name: job for job in done}
+    assert results["hangs"].timed_out and "time limit" in results["hangs"].failure()
+    assert time.perf_counter() - start < 10
+    assert results["late"].not_started and "not started" in results["late"].failure()
+    assert results["raises"].rc == 1 and "ValueError: bad shape" in results["raises"].failure()
+    assert results["works"].rc == 0 and results["works"].output.strip() == "fine"
 
 
 def test_dry_run_reports_every_check(tmp_path: Path):
