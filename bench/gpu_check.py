@@ -251,8 +251,8 @@ def worker_job(work: Path, name: str, kind: str, job: dict[str, Any], done: Call
 
 
 class GpuCheck:
-    def __init__(self, out: Path, mode: Mode):
-        self.out, self.mode = out, mode
+    def __init__(self, out: Path, mode: Mode, wanted: set[str]):
+        self.out, self.mode, self.wanted = out, mode, wanted
         self.work = Path(tempfile.mkdtemp(prefix="gpu_check_", dir=out))
         for sub in ("jobs", "logs", "runs", "data"):
             (self.work / sub).mkdir()
@@ -293,7 +293,8 @@ class GpuCheck:
     def launches(self) -> None:
         """Check 1 (test mode per strategy/precision/model) and check 2 (memory per planner row) share
         the GPU: neither is timed, and each process's peak is its own allocator's."""
-        jobs = self.memory_plan_jobs() + self.test_mode_jobs()  # the planner first: launches wait for it
+        jobs = ((self.memory_plan_jobs() if "memory" in self.wanted else [])  # the planner first: steps wait for it
+                + (self.test_mode_jobs() if "test_mode" in self.wanted else []))
         limit = self.mode.limits["launches"]
         run_jobs(jobs, parallel=self.mode.parallel, deadline=time.perf_counter() + limit, env=self.env,
                  logs=self.work / "logs", gpu_budget_gib=0.8 * self.gpu_gib if self.gpu_gib else math.inf)
@@ -599,8 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="directory for gpu_check.md and gpu_check.json")
     parser.add_argument("--dry-run", action="store_true", help="the same checks on the CPU with tiny shapes")
     parser.add_argument("--only", nargs="+", choices=PHASES[1:], metavar="CHECK",
-                        help=f"run only these checks ({', '.join(PHASES[1:])}; memory runs with test_mode), "
-                             "e.g. to re-run one that failed")
+                        help=f"run only these checks ({', '.join(PHASES[1:])}), e.g. to re-run one that failed")
     args = parser.parse_args(argv)
     if not args.dry_run:
         import torch
@@ -609,10 +609,10 @@ def main(argv: list[str] | None = None) -> int:
             print("error: no CUDA GPU visible (run with --dry-run to exercise the script on a CPU)", file=sys.stderr)
             return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    check = GpuCheck(args.out, make_mode(args.dry_run))
+    wanted = set(args.only or PHASES)
+    check = GpuCheck(args.out, make_mode(args.dry_run), wanted)
     phase_names = {"setup": "setup", "launches": "test_mode", "throughput": "throughput", "generation": "generate",
                    "auto_fit": "auto_fit"}
-    wanted = set(args.only or PHASES)
     phases = [(check.setup, wanted & {"test_mode", "memory", "auto_fit"}),
               (check.launches, wanted & {"test_mode", "memory"}), (check.throughput, wanted & {"throughput"}),
               (check.generation, wanted & {"generate"}), (check.auto_fit, wanted & {"auto_fit"})]
