@@ -386,15 +386,14 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
 
 
 def _legacy_tensorboard_key(log: dict[str, Any]) -> dict[str, Any]:
-    """``log.tensorboard: true | false`` (configs and checkpoints before ``log.trackers``) read as
-    ``log.trackers: [tensorboard] | []``."""
+    """``log.tensorboard: true | false`` (configs and checkpoints before ``log.trackers``, or a
+    ``--set log.tensorboard=false``) adds TensorBoard to ``log.trackers`` or takes it out."""
     log = dict(log)
     enabled = log.pop("tensorboard")
     if not isinstance(enabled, bool):
         raise ConfigError("log.tensorboard", f"expected true or false, got {enabled!r} (better: log.trackers)")
-    if "trackers" in log:
-        raise ConfigError("log.tensorboard", "replaced by log.trackers: give log.trackers only")
-    log["trackers"] = ["tensorboard"] if enabled else []
+    trackers = [name for name in log.get("trackers", ["tensorboard"]) if name != "tensorboard"]
+    log["trackers"] = ["tensorboard", *trackers] if enabled else trackers
     return log
 
 

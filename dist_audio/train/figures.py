@@ -39,7 +39,7 @@ def spectrogram_db(clip: torch.Tensor, sample_rate: int) -> tuple[np.ndarray, np
     power = spectrum.abs().square().mean(0) / (torch.hann_window(n_fft).sum() ** 2 / 4)  # a full-scale sine: 0 dB
     decibels = 10 * torch.log10(power.clamp_min(1e-12))[1:].numpy()
     bin_hz = sample_rate / n_fft
-    freq_edges = (np.arange(1, decibels.shape[0] + 2) - 0.5) * bin_hz
+    freq_edges = np.minimum((np.arange(1, decibels.shape[0] + 2) - 0.5) * bin_hz, sample_rate / 2)
     time_edges = (np.arange(decibels.shape[1] + 1) - 0.5) * hop / sample_rate
     return decibels, freq_edges, np.clip(time_edges, 0, length / sample_rate)
 

@@ -125,12 +125,17 @@ class Tracking:
         self.writer.flush()
 
     def hparams(self, cfg: RunConfig, final_metrics: Mapping[str, float]) -> None:
-        """The flattened config next to the final metrics (TensorBoard's HPARAMS tab)."""
-        if self.writer is None:
+        """The final metrics as ``final/*``: next to the flattened config in TensorBoard's HPARAMS tab, as
+        scalars at the last step in the other trackers (which got the config at the start)."""
+        if not self.enabled:
             return
-        metrics = {f"final/{key}": value for key, value in final_metrics.items()}
-        self.writer.add_hparams(flat_config(cfg), metrics, run_name=".", global_step=None)
-        self.writer.flush()
+        metrics = {f"final/{key}": float(value) for key, value in final_metrics.items()}
+        for tracker in self.accelerator.trackers:
+            if tracker.name != "tensorboard":
+                tracker.log(metrics, step=cfg.train.max_steps)
+        if self.writer is not None:
+            self.writer.add_hparams(flat_config(cfg), metrics, run_name=".", global_step=None)
+            self.writer.flush()
 
     def flush(self) -> None:
         """Write out what was logged so far (also on errors); ``accelerator.end_training()`` finishes the
