@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -158,6 +159,13 @@ def _minutes(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def free_port() -> int:
+    """A port no one listens on now: the rendezvous of the 2-process run must not meet another job's."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def training_runs(args: argparse.Namespace, plans: dict[str, dict]) -> list[Run]:
     """TF-SWA under FSDP2 on 2 processes; SaShiMi as the planner says to launch it."""
     every = args.steps // 3 if args.steps >= 6 else args.steps  # three validations, checkpoints alongside
@@ -170,6 +178,7 @@ def training_runs(args: argparse.Namespace, plans: dict[str, dict]) -> list[Run]
                      f"train.checkpoint_every={every}", "log.progress_bar=false"]
         if model == "tfswa":
             launch = [*ACCELERATE, "--config_file", f"configs/accelerate/{SHARDED}.yaml", "--num_processes", "2",
+                      "--main_process_port", str(free_port()),
                       "launch/train.py", "--config", "configs/tfswa/debug.yaml"]
             strategy = f"{SHARDED} (FSDP2), 2 processes"
         else:
