@@ -13,6 +13,7 @@ config file the run is launched with (``configs/accelerate/*.yaml``).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -265,18 +266,39 @@ class TrainConfig:
         _check(self.val_batches >= 0, f"{key}.val_batches", "must be >= 0")
 
 
+# Accelerate trackers dist_audio sets up (name in log.trackers -> the module that must be importable).
+# Each keeps its files under the run directory unless its own environment variables say otherwise:
+# tb/ (TensorBoard), mlflow.db + mlflow-artifacts/ (MLflow, unless MLFLOW_TRACKING_URI), wandb/
+# (W&B; WANDB_MODE=offline needs no network), .aim/ (Aim).
+TRACKER_MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "aim": "aim"}
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow-skinny sqlalchemy alembic",
+                    "wandb": "wandb", "aim": "aim"}
+
+
 @dataclass
 class LogConfig:
-    """What goes to TensorBoard and the console."""
+    """What goes to the experiment trackers and the console."""
 
     every: int = 10  # steps between scalar logs
-    tensorboard: bool = True
-    audio_seconds: float = 2.0  # audio written to TensorBoard at each validation
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # every one gets the same scalars
+    audio_seconds: float = 2.0  # audio (and its figures) written to TensorBoard at each validation
     progress_bar: bool = True
 
     def validate(self, key: str) -> None:
         _check(self.every > 0, f"{key}.every", "must be > 0")
         _check(self.audio_seconds >= 0, f"{key}.audio_seconds", "must be >= 0")
+        for name in self.trackers:
+            _check(name in TRACKER_MODULES, f"{key}.trackers",
+                   f"unknown tracker {name!r}; choose from {list(TRACKER_MODULES)}")
+        _check(len(set(self.trackers)) == len(self.trackers), f"{key}.trackers", "names a tracker twice")
+
+    def check_installed(self) -> None:
+        """Every tracker named can be imported here: checked before training (not on every load, so a
+        model trained with W&B still loads for inference where W&B is not installed)."""
+        for name in self.trackers:
+            _check(importlib.util.find_spec(TRACKER_MODULES[name]) is not None, "log.trackers",
+                   f"tracker {name!r} is not installed (pip install {TRACKER_PACKAGES[name]}); "
+                   "install it or remove it from log.trackers")
 
 
 @dataclass
@@ -367,9 +389,23 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     if name not in MODEL_CONFIGS:
         raise ConfigError("model.name", f"must be one of {sorted(MODEL_CONFIGS)}, got {name!r}")
     raw["model"] = _build_dataclass(MODEL_CONFIGS[name], model_raw, "model")
+    if isinstance(raw.get("log"), dict) and "tensorboard" in raw["log"]:
+        raw["log"] = _legacy_tensorboard_key(raw["log"])
     cfg = _build_dataclass(RunConfig, raw, "", prebuilt={"model"})
     cfg.validate()
     return cfg
+
+
+def _legacy_tensorboard_key(log: dict[str, Any]) -> dict[str, Any]:
+    """``log.tensorboard: true | false`` (configs and checkpoints before ``log.trackers``, or a
+    ``--set log.tensorboard=false``) adds TensorBoard to ``log.trackers`` or takes it out."""
+    log = dict(log)
+    enabled = log.pop("tensorboard")
+    if not isinstance(enabled, bool):
+        raise ConfigError("log.tensorboard", f"expected true or false, got {enabled!r} (better: log.trackers)")
+    trackers = [name for name in log.get("trackers", ["tensorboard"]) if name != "tensorboard"]
+    log["trackers"] = ["tensorboard", *trackers] if enabled else trackers
+    return log
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

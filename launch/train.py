@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.set, check_data=True)
         check_precision_supported(cfg.train)
+        cfg.log.check_installed()
         resume = args.resume == "auto" and not args.test_mode
         if not args.test_mode:
             check_run_dir(cfg.run_dir, resume=resume, overwrite=args.overwrite)

@@ -156,7 +156,8 @@ class AutoregressiveObjective:
         return {"loss": nll, "bits_per_sample": nats_to_bits(nll)}
 
     def preview(self, model: nn.Module, batch: dict, seconds: float) -> dict[str, Tensor]:
-        """One unconditional sample of ``seconds`` (the batch only says where), decoded to [C, T] audio."""
+        """One unconditional sample of ``seconds`` decoded to [C, T] audio (``generated``), and the batch's
+        first example as ``real`` (at most as long) to compare it with."""
         channels = 2 if self.interleave_stereo else 1
         steps = int(seconds * self.sample_rate) * channels
         was_training = model.training
@@ -167,7 +168,8 @@ class AutoregressiveObjective:
         finally:
             model.train(was_training)
         audio = dequantize(tokens.cpu(), self.bits, self.quantization)
-        return {"generated": deinterleave(audio[0], channels)}
+        real = dequantize(batch["y"][0, :steps].cpu(), self.bits, self.quantization)
+        return {"generated": deinterleave(audio[0], channels), "real": deinterleave(real, channels)}
 
 
 def deinterleave(wave: Tensor, channels: int) -> Tensor:

@@ -52,7 +52,7 @@ from dist_audio.train.durable import (
 )
 from dist_audio.train.optim import LRSchedule, make_optimizer
 from dist_audio.train.resume import BatchPlan, ResumeChange, batch_plan, checkpoint_global_batch
-from dist_audio.train.tracking import Tracking, peak_memory_gib
+from dist_audio.train.tracking import Tracking, make_trackers, peak_memory_gib
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class Trainer:
         self.stop_time = 0.0  # time.monotonic() of the stop signal
         self.write_failure: str | None = None  # a failed sample-log write, stops every rank at the step's end
         quiet_disk_errors_in_threads()  # TensorBoard's writer thread on a full disk: one line, no traceback
-        self.tracking = Tracking(accelerator, cfg.log, self.run_dir)
+        self.tracking = Tracking(accelerator, cfg)
 
     def resume_from(self, checkpoint: Path) -> None:
         """Restore model, optimizer, schedule, EMA, RNG and the data position from ``checkpoint``; the
@@ -198,7 +198,9 @@ class Trainer:
                 else:
                     self.on_skipped_step(loaded, step)
                 if state.step % cfg.log.every == 0 or state.step == last_step:
-                    self.tracking.scalars(self.window_scalars(window), state.step)
+                    scalars = self.window_scalars(window)
+                    self.tracking.scalars(scalars, state.step)
+                    self.tracking.progress(state.step, scalars)
                     window = _Window()
                 if state.step % cfg.train.val_every == 0 or state.step == cfg.train.max_steps:
                     result.val_metrics = self.validate()
@@ -220,7 +222,7 @@ class Trainer:
             self.restore_signal_handlers(previous_handlers)
             batches.close()
             bar.close()
-            self.tracking.close()
+            self.tracking.flush()
         result.step = state.step
         return result
 
@@ -567,7 +569,7 @@ def prepare_run_dir(accelerator: Accelerator, run_dir: Path, *, overwrite: bool)
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     return parallelize.make_accelerator(cfg.train, parallelize.LaunchStrategy.from_environment(),
                                         cfg.data.batch_size, grad_clip=cfg.optim.grad_clip,
-                                        log_with=["tensorboard"] if cfg.log.tensorboard else None)
+                                        log_with=make_trackers(cfg.log, cfg.run_dir, cfg.train.name) or None)
 
 
 def run_training(cfg: RunConfig, *, resume: bool, overwrite: bool, changes: list[ResumeChange] | tuple = ()
