@@ -219,9 +219,9 @@ def test_global_batch_must_split_into_whole_micro_batches(speech_shards):
     loader = make_loader(cfg, "train", rank=0, world_size=2, global_batch=8)
     assert (len(loader), loader.steps) == (2 * (22 // 8), 22 // 8)  # 2 micro-batches of 2 per rank and step
     for world_size, global_batch in ((2, 6), (3, 8), (1, 3)):
-        with pytest.raises(ConfigError, match="data.batch_size"):
+        with pytest.raises(ConfigError, match=r"data\.batch_size"):
             make_loader(cfg, "train", world_size=world_size, global_batch=global_batch)
-    with pytest.raises(ConfigError, match="data.batch_size.*more than the 22 training samples"):
+    with pytest.raises(ConfigError, match=r"data\.batch_size.*more than the 22 training samples"):
         make_loader(cfg, "train", world_size=2, global_batch=24)
     assert len(make_loader(cfg, "train", start_sample=21)) == 0  # less than a global batch left in the epoch
     with pytest.raises(ValueError, match="validation always starts"):
@@ -341,4 +341,5 @@ def test_the_tar_index_finds_what_tarfile_finds(tmp_path, tar_format):
     path.write_bytes(bytes(data))
     entries = shards_module.index_shard(str(path), 5)
     assert len(entries) == 5
-    assert all(isinstance(e, shards_module.BadSample) and "bad tar header checksum at byte" in e.reason for e in entries)
+    assert all(isinstance(e, shards_module.BadSample) and "bad tar header checksum at byte" in e.reason
+               for e in entries)
