@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import fill
+from fault_runs import fill
 
 from dist_audio.train.checkpoint import complete_checkpoints
 
