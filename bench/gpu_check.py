@@ -134,7 +134,7 @@ class Report:
                  f"{counts['pass']} pass, {counts['fail']} fail, {counts['skipped']} skipped.", "",
                  *[f"- {k}: {v}" for k, v in self.environment.items()], "",
                  "| check | status | detail |", "|---|---|---|"]
-        in_order = sorted(self.checks, key=lambda c: PHASES.index(c["name"].split("/")[0]))
+        in_order = sorted(self.checks, key=lambda c: (PHASES.index(c["name"].split("/")[0]), c["name"]))
         lines += [f"| {c['name']} | {c['status']} | {c['detail'].replace('|', '/')} |" for c in in_order]
         lines += ["", "Child processes (phase limits: " + ", ".join(f"{k} {v:g} s" for k, v in self.mode.limits.items())
                   + "):", "", "| job | phase | seconds | exit |", "|---|---|---|---|"]
@@ -189,7 +189,7 @@ class Job:
 def run_jobs(jobs: list[Job], *, parallel: int, deadline: float, env: dict[str, str], logs: Path,
              gpu_budget_gib: float = math.inf) -> list[Job]:
     """Run jobs ``parallel`` at a time (and within ``gpu_budget_gib`` together), each killed at its own
-    limit or at ``deadline``; follow-up jobs from ``done`` join the queue. Returns every job, finished."""
+    limit or at ``deadline``; follow-up jobs from ``done`` go to the front of the queue. Returns every job."""
     queue, running, finished = list(jobs), [], []
     while queue or running:
         held = sum(j.gpu_gib for j in running)
@@ -198,7 +198,7 @@ def run_jobs(jobs: list[Job], *, parallel: int, deadline: float, env: dict[str, 
             if time.perf_counter() > deadline:
                 job.not_started = True
                 finished.append(job)
-                queue.extend(job.done(job) or [])
+                queue[:0] = job.done(job) or []
                 continue
             path = logs / f"{job.name.replace('/', '_')}.log"
             job.log, job.log_name = open(path, "w+"), str(path.relative_to(logs.parents[1]))
@@ -222,7 +222,7 @@ def run_jobs(jobs: list[Job], *, parallel: int, deadline: float, env: dict[str, 
             job.output = job.log.read()
             job.log.close()
             finished.append(job)
-            queue.extend(job.done(job) or [])
+            queue[:0] = job.done(job) or []
     return finished
 
 
@@ -317,15 +317,16 @@ class GpuCheck:
     def test_mode_jobs(self) -> list[Job]:
         mode, jobs = self.mode, []
         launched = set(mode.test_mode)
-        for strategy in STRATEGIES:
-            for precision in mode.precisions:
+        for precision in mode.precisions:  # fp32 of every strategy first: what a time-out leaves out is fp16
+            for strategy in STRATEGIES:
                 for model in ("sashimi", "tfswa"):
                     name = f"test_mode/{strategy}/{precision}/{model}"
                     if precision == "fp16" and mode.dry_run:
                         self.report.add(name, "skipped", "fp16 needs CUDA (refused on CPU with exit 2)")
                     elif (strategy, precision, model) not in launched:
-                        self.report.add(name, "skipped", "dry run: launched on the GPU only (the same launch "
-                                                         "path runs above for one DeepSpeed and one FSDP2 file)")
+                        ran = " and ".join("/".join(case) for case in mode.test_mode)
+                        self.report.add(name, "skipped", f"dry run: launched on the GPU only (the same launch path "
+                                                         f"runs here for {ran})")
                     elif not self.shards:
                         self.report.add(name, "fail", "no demo shards (setup/data failed)")
                     else:
