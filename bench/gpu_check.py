@@ -99,7 +99,7 @@ def make_mode(dry_run: bool) -> Mode:
         auto_fit_overrides=["data.batch_size=16", "data.segment_seconds=1.0", "train.max_steps=3"],
         parallel=min(10, max(2, (os.cpu_count() or 2) - 2)),
         # worst case 465 s when every phase runs to its limit; about 4 minutes expected (docs/gpu.md)
-        limits={"setup": 120, "launches": 180, "throughput": 60, "generate": 60, "auto_fit": 45},
+        limits={"setup": 90, "launches": 210, "throughput": 60, "generate": 60, "auto_fit": 45},
     )
 
 
