@@ -79,7 +79,7 @@ def make_mode(dry_run: bool) -> Mode:
             memory_strategies=("single",),
             memory_overrides=["data.segment_seconds=0.004"],
             throughput_overrides={"sashimi/sc09": ["data.batch_size=2", "data.segment_seconds=0.016"],
-                                  "tfswa/seed-003": ["data.segment_seconds=0.05"]},
+                                  "tfswa/seed-003": ["data.segment_seconds=0.02"]},
             throughput_steps=(1, 1),
             generate={"batches": [1, 2], "eager_batches": [2], "eager_steps": 16, "periods": 2, "cuda_graph": False},
             auto_fit_overrides=["data.batch_size=4", "data.segment_seconds=0.1", "train.max_steps=2"],
@@ -99,7 +99,7 @@ def make_mode(dry_run: bool) -> Mode:
         auto_fit_overrides=["data.batch_size=16", "data.segment_seconds=1.0", "train.max_steps=3"],
         parallel=min(10, max(2, (os.cpu_count() or 2) - 2)),
         # worst case 465 s when every phase runs to its limit; about 4 minutes expected (docs/gpu.md)
-        limits={"setup": 120, "launches": 180, "throughput": 60, "generate": 60, "auto_fit": 45},
+        limits={"setup": 90, "launches": 210, "throughput": 60, "generate": 60, "auto_fit": 45},
     )
 
 
@@ -114,6 +114,7 @@ class Report:
     def __init__(self, out: Path, mode: Mode, environment: dict[str, Any]):
         self.out, self.mode, self.environment = out, mode, environment
         self.checks: list[dict[str, Any]] = []
+        self.jobs: list[dict[str, Any]] = []  # every child process: how long it took (to tune the limits)
         self.start = time.perf_counter()
 
     def add(self, name: str, status: str, detail: str, **values: Any) -> None:
@@ -126,15 +127,20 @@ class Report:
         seconds = round(time.perf_counter() - self.start, 1)
         counts = {s: sum(c["status"] == s for c in self.checks) for s in ("pass", "fail", "skipped")}
         data = {"dry_run": self.mode.dry_run, "seconds": seconds, "counts": counts, **self.environment,
-                "checks": self.checks}
+                "checks": self.checks, "jobs": self.jobs}
         (self.out / "gpu_check.json").write_text(json.dumps(data, indent=1) + "\n")
         lines = [f"# GPU check{' (dry run on CPU)' if self.mode.dry_run else ''}", "",
                  f"`python bench/gpu_check.py {' '.join(sys.argv[1:])}`: {seconds} s; "
                  f"{counts['pass']} pass, {counts['fail']} fail, {counts['skipped']} skipped.", "",
                  *[f"- {k}: {v}" for k, v in self.environment.items()], "",
                  "| check | status | detail |", "|---|---|---|"]
-        in_order = sorted(self.checks, key=lambda c: PHASES.index(c["name"].split("/")[0]))
+        in_order = sorted(self.checks, key=lambda c: (PHASES.index(c["name"].split("/")[0]), c["name"]))
         lines += [f"| {c['name']} | {c['status']} | {c['detail'].replace('|', '/')} |" for c in in_order]
+        lines += ["", "Child processes (phase limits: " + ", ".join(f"{k} {v:g} s" for k, v in self.mode.limits.items())
+                  + "):", "", "| job | phase | seconds | exit |", "|---|---|---|---|"]
+        for j in self.jobs:
+            ended = "not started" if j["not_started"] else "killed" if j["timed_out"] else j["exit"]
+            lines.append(f"| {j['job']} | {j['phase']} | {j['seconds']} | {ended} |")
         (self.out / "gpu_check.md").write_text("\n".join(lines) + "\n")
 
 
@@ -181,17 +187,18 @@ class Job:
 
 
 def run_jobs(jobs: list[Job], *, parallel: int, deadline: float, env: dict[str, str], logs: Path,
-             gpu_budget_gib: float = math.inf) -> None:
+             gpu_budget_gib: float = math.inf) -> list[Job]:
     """Run jobs ``parallel`` at a time (and within ``gpu_budget_gib`` together), each killed at its own
-    limit or at ``deadline``; follow-up jobs from ``done`` join the queue."""
-    queue, running = list(jobs), []
+    limit or at ``deadline``; follow-up jobs from ``done`` go to the front of the queue. Returns every job."""
+    queue, running, finished = list(jobs), [], []
     while queue or running:
         held = sum(j.gpu_gib for j in running)
         while queue and len(running) < parallel and (not running or held + queue[0].gpu_gib <= gpu_budget_gib):
             job = queue.pop(0)
             if time.perf_counter() > deadline:
                 job.not_started = True
-                queue.extend(job.done(job) or [])
+                finished.append(job)
+                queue[:0] = job.done(job) or []
                 continue
             path = logs / f"{job.name.replace('/', '_')}.log"
             job.log, job.log_name = open(path, "w+"), str(path.relative_to(logs.parents[1]))
@@ -214,7 +221,9 @@ def run_jobs(jobs: list[Job], *, parallel: int, deadline: float, env: dict[str, 
             job.log.seek(0)
             job.output = job.log.read()
             job.log.close()
-            queue.extend(job.done(job) or [])
+            finished.append(job)
+            queue[:0] = job.done(job) or []
+    return finished
 
 
 PORT = "{free port}"  # in a job's argv: replaced by a free port when the job starts
@@ -261,6 +270,14 @@ class GpuCheck:
         self.shards: dict[str, Path] = {}
         self.gpu_gib = gpu_memory_gib() if not mode.dry_run else 0.0
 
+    def run(self, jobs: list[Job], phase: str, *, parallel: int = 1, gpu_budget_gib: float = math.inf) -> None:
+        """``run_jobs`` within the phase's time limit; each job's time goes into the report."""
+        finished = run_jobs(jobs, parallel=parallel, deadline=time.perf_counter() + self.mode.limits[phase],
+                            env=self.env, logs=self.work / "logs", gpu_budget_gib=gpu_budget_gib)
+        self.report.jobs += [{"job": job.name, "phase": phase, "seconds": round(job.seconds, 1), "exit": job.rc,
+                              "timed_out": job.timed_out, "not_started": job.not_started} for job in finished]
+        self.report.write()
+
     # ---- setup ----------------------------------------------------------------------------------
 
     def setup(self) -> None:
@@ -270,8 +287,7 @@ class GpuCheck:
                      lambda job: None, limit=self.mode.limits["setup"])
         cpu_adam = Job("setup/deepspeed_cpu_adam", [sys.executable, "-c", CPU_ADAM_SCRIPT], None, lambda job: None,
                        limit=self.mode.limits["setup"])
-        run_jobs([shards, cpu_adam], parallel=2, deadline=time.perf_counter() + self.mode.limits["setup"],
-                 env=self.env, logs=self.work / "logs")
+        self.run([shards, cpu_adam], "setup", parallel=2)
         report = self.report.add
         if shards.rc == 0:
             self.shards = {"sashimi": self.work / "data" / "speech", "tfswa": self.work / "data" / "musdb"}
@@ -295,22 +311,22 @@ class GpuCheck:
         the GPU: neither is timed, and each process's peak is its own allocator's."""
         jobs = ((self.memory_plan_jobs() if "memory" in self.wanted else [])  # the planner first: steps wait for it
                 + (self.test_mode_jobs() if "test_mode" in self.wanted else []))
-        limit = self.mode.limits["launches"]
-        run_jobs(jobs, parallel=self.mode.parallel, deadline=time.perf_counter() + limit, env=self.env,
-                 logs=self.work / "logs", gpu_budget_gib=0.8 * self.gpu_gib if self.gpu_gib else math.inf)
+        self.run(jobs, "launches", parallel=self.mode.parallel,
+                 gpu_budget_gib=0.8 * self.gpu_gib if self.gpu_gib else math.inf)
 
     def test_mode_jobs(self) -> list[Job]:
         mode, jobs = self.mode, []
         launched = set(mode.test_mode)
-        for strategy in STRATEGIES:
-            for precision in mode.precisions:
+        for precision in mode.precisions:  # fp32 of every strategy first: what a time-out leaves out is fp16
+            for strategy in STRATEGIES:
                 for model in ("sashimi", "tfswa"):
                     name = f"test_mode/{strategy}/{precision}/{model}"
                     if precision == "fp16" and mode.dry_run:
                         self.report.add(name, "skipped", "fp16 needs CUDA (refused on CPU with exit 2)")
                     elif (strategy, precision, model) not in launched:
-                        self.report.add(name, "skipped", "dry run: launched on the GPU only (the same launch "
-                                                         "path runs above for one DeepSpeed and one FSDP2 file)")
+                        ran = " and ".join("/".join(case) for case in mode.test_mode)
+                        self.report.add(name, "skipped", f"dry run: launched on the GPU only (the same launch path "
+                                                         f"runs here for {ran})")
                     elif not self.shards:
                         self.report.add(name, "fail", "no demo shards (setup/data failed)")
                     else:
@@ -434,8 +450,7 @@ class GpuCheck:
             jobs.append(worker_job(self.work, f"throughput/{config.split('/')[1]}", "steps", step,
                                    self.throughput_done(config.split("/")[1], cfg, rows), strategy="single",
                                    limit=self.mode.limits["throughput"]))
-        run_jobs(jobs, parallel=1, deadline=time.perf_counter() + self.mode.limits["throughput"], env=self.env,
-                 logs=self.work / "logs")
+        self.run(jobs, "throughput")
 
     def throughput_done(self, short: str, cfg: Any, rows: list[dict[str, str]]) -> Callable[[Job], None]:
         def done(job: Job) -> None:
@@ -499,8 +514,7 @@ class GpuCheck:
                                 f"captured in {row['capture_s']:.1f} s; {check}", samples_per_s=rate)
 
         jobs = [worker_job(self.work, f"generate/{short}", "generate", job, done, limit=self.mode.limits["generate"])]
-        run_jobs(jobs, parallel=1, deadline=time.perf_counter() + self.mode.limits["generate"], env=self.env,
-                 logs=self.work / "logs")
+        self.run(jobs, "generate")
 
     # ---- 5: auto_fit ----------------------------------------------------------------------------
 
@@ -542,8 +556,7 @@ class GpuCheck:
                             + ("" if provoked else "; no OOM was provoked"), runs=result["runs"])
 
         jobs = [worker_job(self.work, "auto_fit", "auto_fit", job, done, limit=self.mode.limits["auto_fit"])]
-        run_jobs(jobs, parallel=1, deadline=time.perf_counter() + self.mode.limits["auto_fit"], env=self.env,
-                 logs=self.work / "logs")
+        self.run(jobs, "auto_fit")
 
 
 SHARD_SCRIPT = """

@@ -43,16 +43,25 @@ def _sync(device: torch.device) -> None:
 
 
 def plan(job: dict[str, Any]) -> dict[str, Any]:
-    """``make_plan`` of each config on one GPU of ``job["gpu_memory"]`` bytes: its rows and shape."""
-    from dist_audio.plan import make_plan
+    """The planner's rows for each config on one GPU of ``job["gpu_memory"]`` bytes, at the config's own
+    micro-batch and segment (``Planner.rows``: the table of ``launch/plan.py``, without its search for the
+    largest batch and segment, which the check does not need)."""
+    from dist_audio.plan import Planner, config_workload, param_layout
+    from dist_audio.plan.planner import samples_per_second
 
     plans = {}
     for config in job["configs"]:
         cfg = load_config(config, job["overrides"])
         start = time.perf_counter()
-        result = make_plan(cfg, gpus=1, gpu_memory=job["gpu_memory"], config_path=config).as_dict()
-        plans[config] = {"rows": result["rows"], "micro_batch": result["inputs"]["micro_batch"],
-                         "length": result["inputs"]["length"], "seconds": time.perf_counter() - start}
+        workload = config_workload(cfg)
+        with torch.device("meta"):
+            layout = param_layout(workload.build_model())
+        multiple = workload.length_multiple
+        length = max(2, multiple * math.ceil(round(cfg.data.segment_seconds * samples_per_second(cfg)) / multiple))
+        planner = Planner(workload, layout, gpus=1, gpu_memory=job["gpu_memory"])
+        rows = [row.as_dict() for row in planner.rows(cfg.data.batch_size, length)]
+        plans[config] = {"rows": rows, "micro_batch": cfg.data.batch_size, "length": length,
+                         "seconds": time.perf_counter() - start}
     return plans
 
 
