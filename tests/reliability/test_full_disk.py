@@ -89,7 +89,7 @@ def test_full_disk_while_training_stops_tensorboard_not_the_run(make_run, small_
     filler = fill(small_disk, leave=8192)
     done = run.launch("--set", "train.max_steps=40", "--set", "train.checkpoint_every=40", "--resume", "auto")
     assert done.returncode == 1, done.stdout[-3000:]
-    assert "TensorBoard logging stopped: [Errno 28] No space left on device" in done.stdout
+    assert "logging (trackers, progress.json) stopped: [Errno 28] No space left on device" in done.stdout
     assert "Traceback" not in done.stdout, done.stdout[-3000:]
     assert max(step for step, _ in run.losses()) == 40  # every step ran
     assert "could not write checkpoint" in done.stdout and "step-40" in done.stdout
