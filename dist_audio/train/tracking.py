@@ -32,11 +32,14 @@ from accelerate import Accelerator
 from accelerate.tracking import AimTracker, GeneralTracker, MLflowTracker, TensorBoardTracker, WandBTracker
 
 from dist_audio.config import LogConfig, RunConfig, config_to_dict
+from dist_audio.train.durable import optional_writer
 from dist_audio.train.figures import preview_figure
 
 TRACKER_DIR = "tb"  # TensorBoard's run name: events land in <run_dir>/tb/
 PROGRESS_FILE = "progress.json"
 PROJECT = "dist_audio"  # the MLflow experiment and W&B project a run is filed under
+# a full disk stops the run's logging (events, progress.json) with one warning, not the run
+optional_writes = optional_writer("logging (trackers, progress.json)")
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -75,6 +78,7 @@ def make_trackers(log_cfg: LogConfig, run_dir: Path, run_name: str) -> list[Gene
 class Tracking:
     """Scalars to every tracker; audio, figures and hparams to TensorBoard; a no-op on all but the main rank."""
 
+    @optional_writes
     def __init__(self, accelerator: Accelerator, cfg: RunConfig):
         self.accelerator = accelerator
         self.run_dir = Path(cfg.run_dir)
@@ -91,10 +95,12 @@ class Tracking:
                     if tracker.name != "tensorboard":
                         tracker.store_init_configuration(flat)
 
+    @optional_writes
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         if self.enabled:
             self.accelerator.log({k: float(v) for k, v in values.items()}, step=step)
 
+    @optional_writes
     def progress(self, step: int, scalars: Mapping[str, float]) -> None:
         """Rewrite ``progress.json``: step, loss, samples/s and the ETA at the latest step time."""
         if not self.accelerator.is_main_process:
@@ -107,6 +113,7 @@ class Tracking:
         temporary.write_text(json.dumps(record) + "\n")
         os.replace(temporary, path)  # a reader never sees half a file
 
+    @optional_writes
     def audio(self, clips: Mapping[str, torch.Tensor], sample_rate: int, step: int) -> None:
         """``clips`` maps ``<name>/<example>`` to ``[C, T]``: one mono audio tag per channel of each clip
         and one spectrogram figure per example."""
@@ -124,6 +131,7 @@ class Tracking:
             self.writer.add_figure(f"spectrogram/{example}", figure, step)
         self.writer.flush()
 
+    @optional_writes
     def hparams(self, cfg: RunConfig, final_metrics: Mapping[str, float]) -> None:
         """The final metrics as ``final/*``: next to the flattened config in TensorBoard's HPARAMS tab, as
         scalars at the last step in the other trackers (which got the config at the start)."""
@@ -137,6 +145,7 @@ class Tracking:
             self.writer.add_hparams(flat_config(cfg), metrics, run_name=".", global_step=None)
             self.writer.flush()
 
+    @optional_writes
     def flush(self) -> None:
         """Write out what was logged so far (also on errors); ``accelerator.end_training()`` finishes the
         trackers at the end of the run (the process group stays up until then)."""

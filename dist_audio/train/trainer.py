@@ -28,17 +28,27 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from dist_audio.config import ConfigError, RunConfig, read_manifest, save_config
+from dist_audio.config import ConfigError, RunConfig, save_config
 from dist_audio.data import make_loader
+from dist_audio.data.manifest import read_manifest
 from dist_audio.models import build_model
 from dist_audio.objectives import build_objective
 from dist_audio.train import parallelize
 from dist_audio.train.auto_fit import AutoFit, Batch, batch_size, split_batch
 from dist_audio.train.checkpoint import (
     TrainerState,
+    agree_on_errors,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+)
+from dist_audio.train.durable import (
+    WRITE_ERRORS,
+    append_line,
+    describe_error,
+    quiet_disk_errors_in_threads,
+    replace_atomically,
+    write_atomic,
 )
 from dist_audio.train.optim import LRSchedule, make_optimizer
 from dist_audio.train.resume import BatchPlan, ResumeChange, batch_plan, checkpoint_global_batch
@@ -47,6 +57,9 @@ from dist_audio.train.tracking import Tracking, make_trackers, peak_memory_gib
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# a stop signal again within this many seconds is the same request delivered twice (directly and by the
+# launcher: torchrun, srun); only a later one means "exit now"
+SIGNAL_REPEAT_WINDOW_S = 5.0
 PREVIEW_EXAMPLES = 2  # validation examples turned into audio at each validation
 SAMPLE_LOG = "samples.jsonl"  # train.sample_log: one line per optimizer step
 
@@ -66,6 +79,7 @@ class StepResult:
     loss_scale_overflow: bool  # fp16 only: finite loss, gradients overflowed; the scaler lowers its scale
     samples: int  # all ranks
     skipped_samples: int  # corrupt samples the loaders skipped, all ranks
+    remote_retries: int = 0  # retried reads of a URL data source, all ranks
 
 
 @dataclass
@@ -119,9 +133,13 @@ class Trainer:
             self.resume_from(checkpoint)
         else:
             set_seed(cfg.train.seed, device_specific=True)  # distinct dropout/sampling streams per rank
-        self.sample_rate = int(read_manifest(cfg.data.shards)["sample_rate"])
+        self.sample_rate = int(read_manifest(cfg.data.shards, cfg.data.remote_timeout_s)["sample_rate"])
         self.consecutive_nonfinite = 0
+        self.remote_retries = 0  # this process's run so far (not checkpointed: a count of incidents)
         self.stop_signal: str | None = None
+        self.stop_time = 0.0  # time.monotonic() of the stop signal
+        self.write_failure: str | None = None  # a failed sample-log write, stops every rank at the step's end
+        quiet_disk_errors_in_threads()  # TensorBoard's writer thread on a full disk: one line, no traceback
         self.tracking = Tracking(accelerator, cfg)
 
     def resume_from(self, checkpoint: Path) -> None:
@@ -129,9 +147,12 @@ class Trainer:
         sample log forgets the steps after it (they will be run again)."""
         self.state = load_checkpoint(self.accelerator, checkpoint, self.training_state)
         log = self.run_dir / SAMPLE_LOG
-        if self.accelerator.is_main_process and log.is_file():
+
+        def forget_later_steps() -> None:
             kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.state.step]
-            log.write_text("".join(line + "\n" for line in kept))
+            write_atomic(log, "".join(line + "\n" for line in kept))
+
+        self.on_main_process(forget_later_steps, log, when=log.is_file())
         self.schedule.load_state_dict(self.state.schedule)
         parallelize.load_loss_scale_state(self.accelerator, self.model, self.state.loss_scale)
         self.auto_fit.splits, self.auto_fit.retries = self.state.micro_splits, self.state.oom_retries
@@ -146,9 +167,9 @@ class Trainer:
         checkpointing on schedule; a SIGTERM/SIGINT ends the run cleanly after the current step."""
         cfg, accelerator, state = self.cfg, self.accelerator, self.state
         last_step = min(cfg.train.max_steps, until_step or cfg.train.max_steps)
-        if accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.config, self.run_dir / "config.yaml")
+        self.on_main_process(lambda: replace_atomically(self.run_dir / "config.yaml",
+                                                        functools.partial(save_config, self.config)),
+                             self.run_dir / "config.yaml")
         self.log_startup()
         result = TrainResult(step=state.step)
         window = _Window()
@@ -168,6 +189,7 @@ class Trainer:
                 window.add(step, time.perf_counter() - start, data_time)
                 result.losses[state.step] = step.loss
                 state.skipped_samples += step.skipped_samples
+                self.remote_retries += step.remote_retries
                 state.samples_seen += step.samples
                 bar.update(1)
                 bar.set_postfix(loss=f"{step.loss:.4f}")
@@ -187,8 +209,10 @@ class Trainer:
                     result.checkpoint = self.save()
                 if stopping:
                     result.stopped_by = self.stop_signal or "a signal on another rank"
-                    logger.warning("stopped by %s after step %d; checkpoint %s. Resume with the same command "
-                                   "plus --resume auto", result.stopped_by, state.step, result.checkpoint)
+                    since = f", {time.monotonic() - self.stop_time:.1f} s after the signal" if self.stop_signal else ""
+                    logger.warning("stopped by %s after step %d; checkpoint %s written%s. Resume with the same "
+                                   "command plus --resume auto", result.stopped_by, state.step, result.checkpoint,
+                                   since)
                     break
             if state.step == cfg.train.max_steps:
                 final = {"train_loss": result.losses.get(state.step, math.nan),
@@ -220,7 +244,8 @@ class Trainer:
             self.auto_fit.recover(loaded, message)
             self.state.micro_splits, self.state.oom_retries = self.auto_fit.splits, self.auto_fit.retries
         grad_norm = parallelize.clip_grad_norm(accelerator, self.model, self.cfg.optim.grad_clip or math.inf)
-        counts = torch.tensor([sum(batch_size(b) for b in loaded), sum(int(b["skipped"]) for b in loaded)],
+        counts = torch.tensor([sum(batch_size(b) for b in loaded), sum(int(b["skipped"]) for b in loaded),
+                               sum(int(b.get("remote_retries", 0)) for b in loaded)],
                               device=accelerator.device, dtype=torch.float64)
         counts = accelerator.reduce(counts, reduction="sum")
         names = sorted(metrics)
@@ -239,7 +264,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=values[0], metrics=dict(zip(names, values[1:])), grad_norm=grad_norm,
                           applied=applied, loss_scale_overflow=overflow, samples=int(counts[0]),
-                          skipped_samples=int(counts[1]))
+                          skipped_samples=int(counts[1]), remote_retries=int(counts[2]))
 
     def accumulate_gradients(self, loaded: list[Batch]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward/backward over every micro-batch of the step; returns the sample-weighted mean loss
@@ -386,7 +411,7 @@ class Trainer:
                    "perf/samples_per_s": window.samples / window.step_time,
                    "perf/audio_seconds_per_s": window.samples * seconds / window.step_time,
                    "perf/data_time_frac": window.data_time / window.step_time,
-                   "data/skipped_samples": state.skipped_samples,
+                   "data/skipped_samples": state.skipped_samples, "data/remote_retries": self.remote_retries,
                    "train/skipped_steps": state.skipped_steps, "mem/oom_retries": self.auto_fit.retries}
         scalars.update({f"train/{name}": window.mean(name) for name in window.metric_names})
         peaks = gather_object([peak_memory_gib(self.accelerator.device)])
@@ -399,9 +424,26 @@ class Trainer:
         """Append this step's whole global batch (``<key>@<start frame>`` of every rank) and its loss to
         ``samples.jsonl``: the record that a resumed run on any world size saw the same data."""
         keys = [key for part in gather_object([[k for b in loaded for k in b["keys"]]]) for key in part]
-        if self.accelerator.is_main_process:
-            with open(self.run_dir / SAMPLE_LOG, "a") as log:
-                log.write(json.dumps({"step": self.state.step, "samples": keys, "loss": loss}) + "\n")
+        if self.accelerator.is_main_process and self.write_failure is None:
+            path = self.run_dir / SAMPLE_LOG
+            try:
+                append_line(path, json.dumps({"step": self.state.step, "samples": keys, "loss": loss}))
+            except OSError as err:  # every rank stops at this step's end (stop_requested)
+                self.write_failure = f"could not append step {self.state.step} to {path}: {describe_error(err)}"
+
+    def on_main_process(self, write: Any, path: Path, *, when: bool = True) -> None:
+        """Run ``write`` (of ``path``) on the main process; if it fails, every rank raises ``TrainingError``
+        naming the file and the cause (one collective, so no rank waits for a failed one)."""
+        error = None
+        if self.accelerator.is_main_process and when:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write()
+            except WRITE_ERRORS as err:
+                error = describe_error(err)
+        errors, _ = agree_on_errors(self.accelerator, error)
+        if errors:
+            raise TrainingError(f"could not write {path}: {errors[0]}")
 
     def strategy_name(self) -> str:
         """E.g. ``DEEPSPEED ZeRO-3 x 2``: what a checkpoint records it was written under."""
@@ -427,26 +469,57 @@ class Trainer:
         logger.info("training setup\n  %s", "\n  ".join(lines))
 
     def install_signal_handlers(self) -> dict[int, Any]:
-        """First SIGTERM/SIGINT: finish the step, checkpoint, exit 0. Second: die at once."""
+        """First SIGTERM/SIGINT: finish the step, checkpoint, exit 0. The same signal again within
+        ``SIGNAL_REPEAT_WINDOW_S`` (a rank signalled directly and by its launcher) counts once; a later
+        one kills the process at once."""
         def handle(signum: int, frame: Any) -> None:
+            now = time.monotonic()
             if self.stop_signal is not None:
+                if now - self.stop_time < SIGNAL_REPEAT_WINDOW_S:
+                    return
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
-            self.stop_signal = signal.Signals(signum).name
-            logger.warning("%s received: finishing step %d, then checkpointing (send again to exit now)",
-                           self.stop_signal, self.state.step + 1)
+            self.stop_signal, self.stop_time = signal.Signals(signum).name, now
+            logger.warning("%s received: finishing step %d, then checkpointing (a repeat within %g s counts "
+                           "once; send it again later to exit at once)", self.stop_signal, self.state.step + 1,
+                           SIGNAL_REPEAT_WINDOW_S)
 
         return {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
 
-    @staticmethod
-    def restore_signal_handlers(previous: dict[int, Any]) -> None:
+    def restore_signal_handlers(self, previous: dict[int, Any]) -> None:
+        """Put the handlers from before ``train()`` back; after a stop by signal, a ``RepeatedSignalGuard``
+        in front of them drops the repeats that may still arrive while the process exits."""
         for sig, handler in previous.items():
+            if self.stop_signal is not None:
+                handler = RepeatedSignalGuard(handler, self.stop_time)
             signal.signal(sig, handler)
 
     def stop_requested(self) -> bool:
-        """True on every rank once any rank got a stop signal (so all of them checkpoint together)."""
-        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.accelerator.device)
-        return self.accelerator.reduce(flag, reduction="sum").item() > 0
+        """True on every rank once any rank got a stop signal (so all of them checkpoint together); raises
+        ``TrainingError`` on every rank once the main process failed to write the sample log."""
+        flags = torch.tensor([1.0 if self.stop_signal else 0.0, 1.0 if self.write_failure else 0.0],
+                             device=self.accelerator.device)
+        stop, failed = self.accelerator.reduce(flags, reduction="sum").tolist()
+        if failed:
+            raise TrainingError(self.write_failure or "the main process could not write the sample log")
+        return stop > 0
+
+
+class RepeatedSignalGuard:
+    """A signal handler that ignores the signal until ``SIGNAL_REPEAT_WINDOW_S`` after ``since`` (a repeat
+    of the one that stopped training), then hands it to ``previous`` (the default: the process dies)."""
+
+    def __init__(self, previous: Any, since: float):
+        self.previous, self.since = previous, since
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if time.monotonic() - self.since < SIGNAL_REPEAT_WINDOW_S:
+            return
+        signal.signal(signum, self.previous)
+        if callable(self.previous):
+            self.previous(signum, frame)
+        elif self.previous != signal.SIG_IGN:
+            os.kill(os.getpid(), signum)
 
 
 class _Window:
@@ -511,6 +584,9 @@ def run_training(cfg: RunConfig, *, resume: bool, overwrite: bool, changes: list
     accelerator = make_accelerator(batch.apply(cfg))
     prepare_run_dir(accelerator, cfg.run_dir, overwrite=overwrite)
     result = Trainer(cfg, accelerator, resume=resume, batch=batch, changes=changes).train()
+    if result.stopped_by:  # the process exits now: a late repeat must not kill it in the interpreter's
+        for sig in STOP_SIGNALS:  # teardown, where Python handlers are gone (SIGKILL still works)
+            signal.signal(sig, signal.SIG_IGN)
     accelerator.end_training()
     return result
 

@@ -12,7 +12,9 @@ reliability tests and ``bench/soak.py``. Use it exactly like ``launch/train.py``
 - ``in_prune:N``       checkpoint N is complete and an older one is half-deleted by ``keep_last``.
 
 ``DIST_AUDIO_STEP_LOG=<file>`` makes rank 0 append one JSON line per optimizer step:
-``{"step", "loss", "applied", "pid"}`` (flushed at once, so a SIGKILL loses nothing already written).
+``{"step", "loss", "applied", "pid"}`` (flushed at once, so a SIGKILL loses nothing already written), and
+every rank append ``{"rank", "exit"}`` to ``<file>.exits`` when ``launch/train.py``'s ``main`` returns
+(the launcher may still kill a rank that is slower to exit than another, which hides its own status).
 
 Nothing here is imported by dist_audio itself: production code carries no test hooks.
 """
@@ -28,8 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from dist_audio.train import checkpoint, parallelize  # noqa: E402
+from dist_audio.train import checkpoint  # noqa: E402
 from dist_audio.train import trainer as trainer_lib  # noqa: E402
+from dist_audio.train.portable_state import StateHolder  # noqa: E402
 from launch import train  # noqa: E402
 
 
@@ -66,14 +69,14 @@ def install(fault: str | None, step_log: str | Path | None, setattr=setattr) -> 
 
     setattr(trainer_lib.Trainer, "train_step", recorded_train_step)
 
-    save_state = parallelize.save_training_state
+    save_state = StateHolder.save
 
-    def save_state_then_die(accelerator, directory):
-        save_state(accelerator, directory)
-        if armed and where == "in_save" and Path(directory).name == f".tmp-step-{fault_step}":
+    def save_state_then_die(holder, directory):
+        save_state(holder, directory)
+        if armed and where == "in_save" and Path(directory).parent.name == f".tmp-step-{fault_step}":
             die()
 
-    setattr(parallelize, "save_training_state", save_state_then_die)
+    setattr(StateHolder, "save", save_state_then_die)
 
     save_config = checkpoint.save_config
 
@@ -95,6 +98,14 @@ def install(fault: str | None, step_log: str | Path | None, setattr=setattr) -> 
     setattr(checkpoint, "_remove", remove_half_then_die)
 
 
+def record_exit(step_log: str | None, code: int) -> None:
+    if step_log:
+        with open(f"{step_log}.exits", "a") as record:
+            record.write(json.dumps({"rank": int(os.environ.get("RANK", "0")), "exit": code}) + "\n")
+
+
 if __name__ == "__main__":
     install(os.environ.get("DIST_AUDIO_FAULT"), os.environ.get("DIST_AUDIO_STEP_LOG"))
-    sys.exit(train.main(sys.argv[1:]))
+    code = train.main(sys.argv[1:])
+    record_exit(os.environ.get("DIST_AUDIO_STEP_LOG"), code)
+    sys.exit(code)

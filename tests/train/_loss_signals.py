@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from dist_audio.train import trainer
 
 
-def signal_on_loss_call(call: int, *, times: int = 1) -> None:
-    """Patch the trainer so the ``call``-th loss computation sends itself SIGTERM ``times`` times."""
+def signal_on_loss_call(call: int, *, times: int = 1, gap: float = 0.0) -> None:
+    """Patch the trainer so the ``call``-th loss computation sends itself SIGTERM ``times`` times,
+    ``gap`` seconds apart."""
     build = trainer.build_objective
 
     def build_signalling(model_cfg, data_cfg):
@@ -20,7 +22,9 @@ def signal_on_loss_call(call: int, *, times: int = 1) -> None:
         def loss_then_signal(model, batch):
             calls.append(1)
             if len(calls) == call:
-                for _ in range(times):
+                for index in range(times):
+                    if index:
+                        time.sleep(gap)
                     os.kill(os.getpid(), signal.SIGTERM)
                 print("survived the signals", flush=True)
             return loss(model, batch)

@@ -15,6 +15,7 @@ from _loss_signals import signal_on_loss_call
 
 from dist_audio.train import trainer as trainer_lib
 from dist_audio.train.checkpoint import complete_checkpoints
+from dist_audio.train.trainer import SIGNAL_REPEAT_WINDOW_S
 from launch import train as launch_train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,17 +73,18 @@ def test_sigterm_exits_0_with_resume_hint(make_cfg, monkeypatch, caplog):
     assert "stopped by SIGTERM after step 3" in caplog.text and "--resume auto" in caplog.text
 
 
-SECOND_SIGNAL = textwrap.dedent("""
+SECOND_SIGNAL = textwrap.dedent(f"""
     import sys
     from _loss_signals import signal_on_loss_call
     from launch import train
 
-    signal_on_loss_call(2, times=2)
+    signal_on_loss_call(2, times=2, gap={SIGNAL_REPEAT_WINDOW_S + 0.5})
     sys.exit(train.main(sys.argv[1:]))
 """)
 
 
 def test_second_signal_exits_at_once(make_cfg):
+    """A second signal after the repeat window (within it, it is the same one: tests/reliability)."""
     path, overrides, cfg = make_cfg("sashimi", "train.max_steps=10")
     done = subprocess.run([sys.executable, "-c", SECOND_SIGNAL, *cli_args(path, overrides)], cwd=REPO,
                           capture_output=True, text=True, timeout=120,
