@@ -67,31 +67,22 @@ def command_line(command: list[str]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Question:
-    model: str
-    gpus: int
-    command: list[str]
-    answer_file: Path
-
-
 def ask_planner(args: argparse.Namespace) -> dict[str, dict]:
-    """Both planner questions at once (one core each); returns the JSON answers by model."""
+    """One question per model, one after the other (the planner traces on every core); the JSON answers
+    by model."""
     args.out.mkdir(parents=True, exist_ok=True)
-    questions = [Question(model, gpus, [sys.executable, "launch/plan.py", "--config", f"configs/{model}/debug.yaml",
-                                        "--gpus", str(gpus), "--gpu-memory", "24GiB"],
-                          args.out / f"plan-{model}.json")
-                 for model, gpus in (("tfswa", 2), ("sashimi", 1))]
-    running = [(q, subprocess.Popen([*q.command, "--json"], cwd=REPO, stdout=q.answer_file.open("w"),
-                                    stderr=subprocess.PIPE, text=True)) for q in questions]
     answers = {}
-    for question, process in running:
-        _, errors = process.communicate()
-        if process.returncode != 0:
-            sys.exit(f"launch/plan.py failed (exit {process.returncode}):\n{errors}")
-        answers[question.model] = plan = json.loads(question.answer_file.read_text())
-        print(f"  $ {command_line(question.command)}")
-        for line in describe_plan(plan, sharded=question.model == "tfswa"):
+    for model, gpus in (("tfswa", 2), ("sashimi", 1)):
+        command = [sys.executable, "launch/plan.py", "--config", f"configs/{model}/debug.yaml", "--gpus", str(gpus),
+                   "--gpu-memory", "24GiB"]
+        answer_file = args.out / f"plan-{model}.json"
+        print(f"  $ {command_line(command)}")
+        with answer_file.open("w") as answer:
+            done = subprocess.run([*command, "--json"], cwd=REPO, stdout=answer, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            sys.exit(f"launch/plan.py failed (exit {done.returncode}):\n{done.stderr}")
+        answers[model] = plan = json.loads(answer_file.read_text())
+        for line in describe_plan(plan, sharded=model == "tfswa"):
             print(f"    {line}")
     return answers
 

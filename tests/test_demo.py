@@ -23,8 +23,8 @@ def test_demo_asks_the_planner_trains_sharded_and_writes_audio(tmp_path, demo_co
     runs, out = tmp_path / "runs", tmp_path / "out"
     done = subprocess.run([sys.executable, str(REPO / "launch/demo.py"), "--data", str(data), "--runs-dir", str(runs),
                            "--out", str(out), "--steps", "2", "--seconds", "0.1"],
-                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-                          timeout=900)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "DIST_AUDIO_PLAN_CACHE": str(tmp_path / "plan")})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     shown = done.stdout
 
