@@ -377,7 +377,7 @@ def default_workers() -> int:
 
 
 # the code a trace runs, relative to the package root: a change to any of it invalidates cached traces
-_TRACED_SOURCES = ("models", "objectives", "plan/trace.py", "train/parallelize.py", "config.py")
+_TRACED_SOURCES = ("models", "objectives", "plan/trace.py", "plan/planner.py", "train/parallelize.py", "config.py")
 
 
 def _source_digest() -> str:
