@@ -221,7 +221,7 @@ class Plan:
     launch: str
     inputs: dict[str, Any]
     seconds: float  # whole plan
-    table_seconds: float  # the 24 rows (4 traced steps), before the micro-batch / segment search
+    table_seconds: float  # the 24 rows (8 traced steps), before the micro-batch / segment search
     traces: int  # distinct steps the plan used
     traces_from_cache: int = 0  # of which read from the on-disk cache
     notes: list[str] = field(default_factory=list)

@@ -333,9 +333,31 @@ def _trace(tracer: Tracer, key: TraceKey) -> StepTrace:
                        bf16_as=bf16_as or "autocast")
 
 
-def _trace_in_worker(key: TraceKey) -> StepTrace:
+def _trace_in_worker(keys: list[TraceKey]) -> list[StepTrace]:
     assert _POOL_TRACER is not None, "workers are forked after the pool sets its tracer"
-    return _trace(_POOL_TRACER, key)
+    return [_trace(_POOL_TRACER, key) for key in keys]
+
+
+def _same_shapes(key: TraceKey) -> tuple:
+    """Keys alike here trace the same operators on the same shapes and dtypes (only checkpointing
+    differs), so one process traces them in a row: the second reuses the fake-tensor cache entries
+    of the first, which at a new shape cost about as much as the rest of the trace."""
+    batch_size, length, precision, _, bf16_as = key
+    return batch_size, length, precision, bf16_as
+
+
+def _item(task: Future, index: int) -> Future:
+    """A future for item ``index`` of ``task``'s list result."""
+    item: Future = Future()
+
+    def done(finished: Future) -> None:
+        if finished.exception() is not None:
+            item.set_exception(finished.exception())
+        else:
+            item.set_result(finished.result()[index])
+
+    task.add_done_callback(done)
+    return item
 
 
 def _autograd_works() -> bool:
@@ -355,7 +377,7 @@ def default_workers() -> int:
 
 
 # the code a trace runs, relative to the package root: a change to any of it invalidates cached traces
-_TRACED_SOURCES = ("models", "objectives", "plan/trace.py", "train/parallelize.py", "config.py")
+_TRACED_SOURCES = ("models", "objectives", "plan/trace.py", "plan/planner.py", "train/parallelize.py", "config.py")
 
 
 def _source_digest() -> str:
@@ -452,8 +474,13 @@ class TracePool:
                 self.close()
                 self.workers = 1
                 return
+        groups: dict[tuple, list[TraceKey]] = {}
         for key in keys:
-            self._futures[key] = self._executor.submit(_trace_in_worker, key)
+            groups.setdefault(_same_shapes(key), []).append(key)
+        for group in groups.values():
+            task = self._executor.submit(_trace_in_worker, group)
+            for i, key in enumerate(group):
+                self._futures[key] = _item(task, i)
 
     def get(self, key: TraceKey) -> StepTrace:
         if key not in self._futures:
