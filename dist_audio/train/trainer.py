@@ -551,12 +551,26 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def prepare_run_dir(accelerator: Accelerator, run_dir: Path, *, overwrite: bool) -> None:
-    """Create the run directory; with ``overwrite`` the main process first empties an existing one."""
+    """Create the run directory; with ``overwrite`` the main process first empties an existing one. If
+    that fails (a full or read-only disk), every rank raises ``TrainingError``."""
+    error = None
     if accelerator.is_main_process:
-        if overwrite and run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+        try:
+            if overwrite and run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            error = describe_error(err)
+    errors, _ = agree_on_errors(accelerator, error)
+    if errors:
+        raise TrainingError(f"could not create the run directory {run_dir}: {errors[0]}")
+
+
+def end_training(accelerator: Accelerator) -> None:
+    """``accelerator.end_training()`` after ``Trainer.train``, which already closed the trackers: they are
+    not closed twice (one that hit a full disk would raise its error again)."""
+    accelerator.trackers.clear()
+    accelerator.end_training()
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
@@ -580,7 +594,7 @@ def run_training(cfg: RunConfig, *, resume: bool, overwrite: bool, changes: list
     if result.stopped_by:  # the process exits now: a late repeat must not kill it in the interpreter's
         for sig in STOP_SIGNALS:  # teardown, where Python handlers are gone (SIGKILL still works)
             signal.signal(sig, signal.SIG_IGN)
-    accelerator.end_training()
+    end_training(accelerator)
     return result
 
 
@@ -616,7 +630,7 @@ def run_test_mode(cfg: RunConfig) -> TrainResult:
     first = trainer.train(until_step=TEST_MODE_STEPS // 2)
     trainer.resume_from(first.checkpoint)
     second = trainer.train()
-    accelerator.end_training()
+    end_training(accelerator)
     losses = {**first.losses, **second.losses}
     if second.step != TEST_MODE_STEPS or not all(math.isfinite(v) for v in losses.values()):
         raise TrainingError(f"test mode failed: losses per step {losses}")
