@@ -163,12 +163,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, cfg: RunConfig, sta
     final = root / f"step-{state.step}"
     tmp = root / f".tmp-step-{state.step}"
     rank = accelerator.process_index
-    token = None
-    if accelerator.is_main_process:
-        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
-        error = _attempt(root, _prepare, root, tmp, token)
-    else:
-        error = None
+    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}" if accelerator.is_main_process else None
+    error = _attempt(root, _prepare, root, tmp, token) if token else None
     errors, tokens = agree_on_errors(accelerator, error, token)
     _raise_if_failed(accelerator, errors, final, tmp)
     _raise_if_failed(accelerator, agree_on_errors(accelerator, _check_shared(tmp, tokens[0]))[0], final, tmp,
