@@ -489,6 +489,8 @@ class RepeatedSignalGuard:
     of the one that stopped training), then hands it to ``previous`` (the default: the process dies)."""
 
     def __init__(self, previous: Any, since: float):
+        if isinstance(previous, RepeatedSignalGuard):  # left by an earlier run in this process
+            previous = previous.previous
         self.previous, self.since = previous, since
 
     def __call__(self, signum: int, frame: Any) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -116,32 +115,3 @@ def make_run(tmp_path, speech_shards):
 
     return make
 
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 8 MB filesystem (tmpfs) at ``tmp_path/disk``, unmounted after the test; skipped where this
-    process may not mount one (not root, no CAP_SYS_ADMIN, not Linux)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True,
-                             text=True) if shutil.which("mount") else None
-    if mounted is None or mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() if mounted else 'no mount command'}")
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
-
-
-def fill(disk: Path, leave: int) -> Path:
-    """Fill the filesystem of ``disk`` with one file until it is full, then give back ``leave`` bytes;
-    returns the file (delete it to free the space)."""
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as out:
-        try:
-            while True:
-                out.write(b"\0" * (1 << 16))
-        except OSError:
-            pass
-    os.truncate(filler, max(0, filler.stat().st_size - leave))
-    return filler

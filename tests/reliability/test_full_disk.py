@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import fill
 
 from dist_audio.train.checkpoint import complete_checkpoints
 
@@ -43,13 +42,13 @@ def wait_for_step(run, child, step: int, timeout: float = 240) -> None:
 @pytest.mark.parametrize(("processes", "strategy"), [(1, "ddp"), (2, "ddp"), (2, "fsdp")],
                          ids=["one-process", "ddp-2", "fsdp2-2"])
 def test_checkpoint_into_a_full_disk_exits_1_on_every_rank_and_resumes(make_run, small_disk, processes, strategy):
-    run = make_run("full", "train.checkpoint_every=2", "train.keep_last=3", runs_dir=small_disk)
+    run = make_run("full", "train.checkpoint_every=2", "train.keep_last=3", runs_dir=small_disk.path)
     first = run.launch("--set", "train.max_steps=2", processes=processes, strategy=strategy)
     assert first.returncode == 0, first.stdout[-3000:]
     assert [p.name for p in complete_checkpoints(run.run_dir)] == ["step-2"]
     before = dict(run.losses())
 
-    filler = fill(small_disk, leave=CHECKPOINT_BYTES_FREE)
+    filler = small_disk.fill(leave=CHECKPOINT_BYTES_FREE)
     Path(f"{run.step_log}.exits").unlink()
     child = run.start("--set", "train.max_steps=6", "--resume", "auto", processes=processes, strategy=strategy)
     try:
@@ -86,9 +85,9 @@ def test_full_disk_while_training_stops_tensorboard_not_the_run(make_run, small_
     """The disk is full but for a few pages: TensorBoard's event thread dies of ENOSPC (one warning, no
     traceback) and training goes on; once space is freed, a SIGTERM still ends the run with a checkpoint
     and exit 0 (the failed event writer is not closed a second time)."""
-    run = make_run("tb", "train.checkpoint_every=2", runs_dir=small_disk)
+    run = make_run("tb", "train.checkpoint_every=2", runs_dir=small_disk.path)
     assert run.launch("--set", "train.max_steps=2").returncode == 0
-    filler = fill(small_disk, leave=8192)
+    filler = small_disk.fill(leave=8192)
     child = run.start("--set", "train.max_steps=400", "--set", "train.checkpoint_every=400", "--resume", "auto")
     try:
         seen = []
@@ -114,10 +113,10 @@ def test_full_disk_under_the_sample_log_stops_every_rank_at_that_step(make_run, 
     """``train.sample_log``: a step whose record cannot be written ends the run at that step (exit 1, one
     line naming samples.jsonl) on both ranks, rather than leaving a record with a hole in it."""
     run = make_run("samples", "train.sample_log=true", "train.checkpoint_every=500", "log.tensorboard=false",
-                   runs_dir=small_disk)
+                   runs_dir=small_disk.path)
     assert run.launch("--set", "train.max_steps=2", processes=2).returncode == 0
     Path(f"{run.step_log}.exits").unlink()
-    filler = fill(small_disk, leave=4096)  # room for the config and a few more lines of the record
+    filler = small_disk.fill(leave=4096)  # room for the config and a few more lines of the record
     done = run.launch("--set", "train.max_steps=500", "--resume", "auto", processes=2)
     assert done.returncode == 1, done.stdout[-3000:]
     failure = re.search(r"training failed: could not append step (\d+) to (\S+): \[Errno 28\]", done.stdout)
