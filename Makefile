@@ -25,8 +25,10 @@ demo-data: $(STAMP)
 	$(PY) -m data_prep.verify $(DEMO)/shards/speech
 	$(PY) -m data_prep.verify $(DEMO)/shards/musdb
 
+DEMO_STEPS ?= 300
+
 demo: demo-data
-	$(PY) launch/demo.py
+	$(PY) launch/demo.py --data $(DEMO) --runs-dir runs --out out/demo --steps $(DEMO_STEPS)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
@@ -36,4 +38,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf runs $(DEMO) .pytest_cache
+	rm -rf runs out/demo $(DEMO) .pytest_cache

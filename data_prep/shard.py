@@ -2,6 +2,11 @@
 
     python -m data_prep.shard SRC OUT --layout files|musdb [options]
 
+OUT is a local directory or an ``s3://`` / ``gs://`` URL (credentials and endpoint from the standard
+``AWS_*`` variables or ~/.aws). For a URL each shard is built in a local temporary folder and uploaded
+when complete; the manifest is uploaded last, so an interrupted upload never looks complete, and running
+the same command again uploads only the shards that are not there yet.
+
 One sample is one chunk of a track (at most ``--chunk-seconds`` long, so a training crop never has to
 read a whole song): a ``<key>.json`` member with its metadata and one 16-bit audio member per signal
 (``<key>.flac``, or ``<key>.mixture.flac``, ``<key>.drums.flac``, … for ``musdb``). Shards are
@@ -27,6 +32,7 @@ import os
 import re
 import sys
 import tarfile
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -37,6 +43,8 @@ from typing import Any, Literal
 import numpy as np
 import soundfile as sf
 from tqdm import tqdm
+
+from dist_audio.storage import SourceUnavailable, Store, parse_location
 
 __all__ = [
     "FORMAT_VERSION",
@@ -121,11 +129,18 @@ def shard_dataset(src: str | Path, out: str | Path, **options: Any) -> dict[str,
     opts = ShardOptions(**options)
     opts.stems = list(opts.stems)
     opts.check()
-    src, out = Path(src).resolve(), Path(out).resolve()
+    try:
+        location = parse_location(str(out))
+    except ValueError as err:
+        raise ShardError(f"OUT {err}") from None
+    src = Path(src).resolve()
     _require(src.is_dir(), f"SRC {src} is not a directory")
+    identity = {"source": str(src), "options": opts.identity()}
+    if location.remote:
+        return _shard_to_url(src, Store(location), identity, opts)
+    out = Path(out).resolve()
     _require(out != src and src not in out.parents, "OUT must not be inside SRC")
 
-    identity = {"source": str(src), "options": opts.identity()}
     done = _prepare_out(out, identity, opts.overwrite)
     if done is not None:
         _say(f"{out} is already complete ({_describe(done)}); nothing to do. Use --overwrite to rebuild.")
@@ -135,7 +150,9 @@ def shard_dataset(src: str | Path, out: str | Path, **options: Any) -> dict[str,
     rate, channels = _target_format(items, opts)
     try:
         _write_json(out / JOB_NAME, identity)
-        manifest = _write_shards(src, out, items, opts, rate, channels)
+        manifest = _write_shards(src, out, items, opts, rate, channels,
+                                 lambda temp, name: os.replace(temp, out / name))
+        _write_json(out / MANIFEST_NAME, manifest)
     except ShardError:
         _remove_our_files(out)
         raise
@@ -148,7 +165,72 @@ def shard_dataset(src: str | Path, out: str | Path, **options: Any) -> dict[str,
         raise ShardError(f"cannot write to {out}{where}: {err.strerror or err}; "
                          "the partial output was removed") from None
     (out / JOB_NAME).unlink(missing_ok=True)
+    _report(manifest, str(out))
     return manifest
+
+
+def _shard_to_url(src: Path, store: Store, identity: dict[str, Any], opts: ShardOptions) -> dict[str, Any]:
+    """Build each shard in a local temporary folder, upload it once complete, and the manifest last."""
+    _require(store.writable, f"OUT {store.url}: http(s) locations are read-only; shard to a local directory "
+                             "or to s3:// / gs://")
+    try:
+        done, kept = _prepare_url(store, identity, opts.overwrite)
+        if done is not None:
+            _say(f"{store.url} is already complete ({_describe(done)}); nothing to do. Use --overwrite to rebuild.")
+            return done
+        items = _discover(src, opts)
+        rate, channels = _target_format(items, opts)
+        store.write(JOB_NAME, json.dumps(identity, indent=2).encode())
+
+        def upload(temp: Path, name: str) -> None:
+            if name not in kept or store.size(name) != temp.stat().st_size:  # a re-run uploads what is missing
+                store.put_file(temp, name)
+            temp.unlink()
+
+        with tempfile.TemporaryDirectory(prefix="dist_audio-shard-") as staging:
+            manifest = _write_shards(src, Path(staging), items, opts, rate, channels, upload)
+        store.write(MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())  # the commit point
+        store.delete(JOB_NAME)
+    except (SourceUnavailable, OSError) as err:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise ShardError("local disk full while staging a shard for upload; free space in "
+                             f"{tempfile.gettempdir()} (or set TMPDIR) and run the command again") from None
+        raise ShardError(f"upload to {store.url} failed: {err}; it is incomplete (no {MANIFEST_NAME}): "
+                         "run the same command again to finish it") from None
+    _report(manifest, store.url)
+    return manifest
+
+
+def _prepare_url(store: Store, identity: dict[str, Any], overwrite: bool) -> tuple[dict[str, Any] | None, set[str]]:
+    """Like ``_prepare_out`` for a URL: (the manifest if complete, else None; the shards a re-run may keep)."""
+    names = set(store.list())
+    previous: dict[str, Any] | None = None
+    if MANIFEST_NAME in names:
+        previous = _parse_json(store.read(MANIFEST_NAME))
+        previous_identity = {"source": (previous or {}).get("source"),
+                             "options": _identity_of((previous or {}).get("options"))}
+    elif JOB_NAME in names:
+        previous_identity = _parse_json(store.read(JOB_NAME)) or {}
+    else:
+        if names:
+            raise ShardError(f"OUT {store.url} is not empty ({', '.join(sorted(names)[:3])}, ...) and was not made "
+                             "by data_prep.shard; choose an empty or new prefix")
+        return None, set()
+    same = previous_identity == identity
+    ours = {n for n in names if SHARD_NAME.match(n)}
+    if same and previous is not None and not overwrite and all(
+            name in names for split in previous.get("splits", {}).values() for name in split.get("shards", [])):
+        return previous, ours
+    if not same and not overwrite:
+        raise ShardError(f"OUT {store.url} holds a different dataset ({_difference(previous_identity, identity)}); "
+                         "use --overwrite to replace it, or choose another OUT")
+    if same and not overwrite:
+        _say(f"{store.url} holds an unfinished upload of this command; finishing it")
+        return None, ours
+    store.delete(MANIFEST_NAME)  # first: from here on the prefix no longer looks complete
+    for name in sorted(ours | (names & {JOB_NAME})):
+        store.delete(name)
+    return None, set()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -443,10 +525,12 @@ def _encode(audio: np.ndarray, rate: int, codec: str) -> bytes:
 
 
 class _ShardWriter:
-    """Writes one split's samples into ``<split>-NNNNNN.tar``; a shard gets its name only when complete."""
+    """Writes one split's samples into ``<split>-NNNNNN.tar``; a shard gets its name only when complete
+    (``publish(temporary file, name)`` renames or uploads it)."""
 
-    def __init__(self, out: Path, split: str, shard_size: int, max_per_shard: int, chunk_frames: int, rate: int):
-        self.out, self.split = out, split
+    def __init__(self, out: Path, split: str, shard_size: int, max_per_shard: int, chunk_frames: int, rate: int,
+                 publish: Callable[[Path, str], None]):
+        self.out, self.split, self.publish = out, split, publish
         self.shard_size, self.max_per_shard = shard_size, max_per_shard
         self.chunk_frames, self.rate = chunk_frames, rate
         self.shards: list[str] = []
@@ -492,7 +576,7 @@ class _ShardWriter:
         self._tar.close()
         with open(self._temp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(self._temp, self.out / self.shards[-1])
+        self.publish(self._temp, self.shards[-1])
         self._tar, self._temp = None, None
 
     def summary(self) -> dict[str, Any]:
@@ -511,10 +595,12 @@ def _tar_file_size(member_bytes: int) -> int:
     return -(-(member_bytes + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
-def _write_shards(src: Path, out: Path, items: list[_Item], opts: ShardOptions, rate: int,
-                  channels: int) -> dict[str, Any]:
+def _write_shards(src: Path, out: Path, items: list[_Item], opts: ShardOptions, rate: int, channels: int,
+                  publish: Callable[[Path, str], None]) -> dict[str, Any]:
+    """Write every shard (built in ``out``, then ``publish``-ed); returns the manifest, which the caller writes."""
     chunk_frames = round(opts.chunk_seconds * rate)
-    writers = {s: _ShardWriter(out, s, opts.shard_size, opts.max_per_shard, chunk_frames, rate) for s in SPLITS}
+    writers = {s: _ShardWriter(out, s, opts.shard_size, opts.max_per_shard, chunk_frames, rate, publish)
+               for s in SPLITS}
     rejected: list[dict[str, str]] = []
     bar = tqdm(total=len(items), desc=f"sharding {src.name}", unit="track", disable=not opts.progress,
                file=sys.stderr)
@@ -551,7 +637,11 @@ def _write_shards(src: Path, out: Path, items: list[_Item], opts: ShardOptions, 
         "splits": {s: w.summary() for s, w in writers.items()},
         "rejected": rejected,
     }
-    _write_json(out / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def _report(manifest: dict[str, Any], out: str) -> None:
+    rejected = manifest["rejected"]
     _say(f"wrote {_describe(manifest)} to {out}")
     if rejected:
         _say(f"rejected {len(rejected)} input(s) (reasons in {MANIFEST_NAME}):")
@@ -559,7 +649,6 @@ def _write_shards(src: Path, out: Path, items: list[_Item], opts: ShardOptions, 
             _say(f"  {entry['source']}: {entry['reason']}")
         if len(rejected) > 20:
             _say(f"  ... and {len(rejected) - 20} more")
-    return manifest
 
 
 def _describe(manifest: dict[str, Any]) -> str:
@@ -624,8 +713,15 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return _parse_json(path.read_bytes())
+    except OSError:
+        return None
+
+
+def _parse_json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None
 
 
@@ -647,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--chunk-seconds 30 --workers 8")
     defaults = ShardOptions()
     parser.add_argument("src", help="input directory")
-    parser.add_argument("out", help="output directory (created; must be empty or made by this tool)")
+    parser.add_argument("out", help="output directory or s3:// / gs:// URL (must be empty or made by this tool)")
     parser.add_argument("--layout", choices=["files", "musdb"], default=defaults.layout,
                         help="files: every audio file under SRC, recursively; "
                              "musdb: SRC/{train,test}/<track>/<stem>.wav")

@@ -3,7 +3,8 @@ counts and durations agree.
 
     python -m data_prep.verify OUT
 
-Exit code 0 only if everything agrees; otherwise each problem is printed on its own line and the exit
+OUT is a directory or a URL (``s3://``, ``gs://``, ``http(s)://``; every shard is downloaded once, into
+memory). Exit code 0 only if everything agrees; otherwise each problem is printed on its own line and the exit
 code is 1. A directory without ``manifest.json`` (an interrupted ``data_prep.shard``) never passes.
 """
 
@@ -19,20 +20,30 @@ from typing import Any
 
 import soundfile as sf
 
-from data_prep.shard import FORMAT_VERSION, MANIFEST_NAME, SHARD_NAME, TEMP_NAME
+from data_prep.shard import FORMAT_VERSION, JOB_NAME, MANIFEST_NAME, SHARD_NAME, TEMP_NAME
+from dist_audio.storage import SourceUnavailable, Store
 
 __all__ = ["main", "verify"]
 
 
 def verify(out: str | Path) -> list[str]:
     """All problems found in ``out`` (an empty list means the shards are complete and consistent)."""
-    out = Path(out)
-    manifest_path = out / MANIFEST_NAME
-    if not manifest_path.is_file():
-        return [f"{out} has no {MANIFEST_NAME}: sharding did not finish (or this is not a shard directory)"]
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
+        store = Store(str(out))
+        return _verify(store)
+    except (ValueError, SourceUnavailable) as err:
+        return [str(err)]
+    except OSError as err:  # e.g. access denied
+        return [f"cannot read {out}: {err}"]
+
+
+def _verify(store: Store) -> list[str]:
+    manifest_path = store.path(MANIFEST_NAME)
+    try:
+        manifest = json.loads(store.read(MANIFEST_NAME))
+    except (FileNotFoundError, NotADirectoryError):
+        return [f"{store.url} has no {MANIFEST_NAME}: sharding did not finish (or this is not a shard directory)"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         return [f"{manifest_path} is not valid JSON: {err}"]
     if manifest.get("format_version") != FORMAT_VERSION:
         return [f"unsupported format_version {manifest.get('format_version')!r} (expected {FORMAT_VERSION})"]
@@ -43,7 +54,7 @@ def verify(out: str | Path) -> list[str]:
         all_frames: list[int] = []
         for name, expected, short in zip(split["shards"], split["shard_samples"], split["shard_short_chunks"]):
             listed.add(name)
-            counts = _check_shard(out / name, manifest, problems)
+            counts = _check_shard(store, name, manifest, problems)
             if counts is None:
                 continue
             samples, frames, short_found = counts
@@ -62,25 +73,29 @@ def verify(out: str | Path) -> list[str]:
         if shortest is not None and abs(shortest / manifest["sample_rate"] - split["min_seconds"]) > 1e-3:
             problems.append(f"{split_name}: shortest chunk {shortest / manifest['sample_rate']:.3f} s, "
                             f"manifest says {split['min_seconds']} s")
-    for path in sorted(out.iterdir()):
-        if TEMP_NAME.match(path.name):
-            problems.append(f"leftover temporary shard {path.name} (interrupted run?)")
-        elif SHARD_NAME.match(path.name) and path.name not in listed:
-            problems.append(f"{path.name} is not listed in the manifest")
+    for name in store.list() if store.writable else []:  # an http(s) location cannot be listed
+        if TEMP_NAME.match(name) or name == JOB_NAME:
+            problems.append(f"leftover {name} (interrupted run?)")
+        elif SHARD_NAME.match(name) and name not in listed:
+            problems.append(f"{name} is not listed in the manifest")
     return problems
 
 
-def _check_shard(path: Path, manifest: dict[str, Any], problems: list[str]) -> tuple[int, list[int], list[int]] | None:
+def _check_shard(store: Store, name: str, manifest: dict[str, Any],
+                 problems: list[str]) -> tuple[int, list[int], list[int]] | None:
     """Decode every sample of one shard; returns (samples, frames per sample, frames of short chunks)."""
-    if not path.is_file():
-        problems.append(f"{path.name}: missing")
+    try:
+        data = store.read(name)
+    except (FileNotFoundError, IsADirectoryError):
+        problems.append(f"{name}: missing")
         return None
+    path = Path(name)
     codec = manifest["codec"]
     signals = ["mixture", *manifest["stems"]] if manifest["layout"] == "musdb" else [""]
     expected_suffixes = {"json"} | {f"{s}.{codec}" if s else codec for s in signals}
     groups: dict[str, dict[str, bytes]] = {}
     try:
-        with tarfile.open(path, "r:") as tar:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
                 if not member.isreg():
                     problems.append(f"{path.name}: {member.name} is not a regular file")
@@ -133,7 +148,7 @@ def _check_audio(data: bytes, meta: dict[str, Any], manifest: dict[str, Any]) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep.verify", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", help="shard directory made by python -m data_prep.shard")
+    parser.add_argument("out", help="shard directory or URL made by python -m data_prep.shard")
     args = parser.parse_args(argv)
     problems = verify(args.out)
     if problems:
@@ -141,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAIL {problem}", file=sys.stderr)
         print(f"{args.out}: {len(problems)} problem(s)", file=sys.stderr)
         return 1
-    manifest = json.loads((Path(args.out) / MANIFEST_NAME).read_text())
+    manifest = json.loads(Store(args.out).read(MANIFEST_NAME))
     summary = "; ".join(f"{name}: {s['samples']} samples, {s['seconds']:.1f} s, {len(s['shards'])} shard(s)"
                         for name, s in manifest["splits"].items())
     print(f"OK {args.out}: {summary}")

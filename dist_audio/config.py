@@ -13,7 +13,7 @@ config file the run is launched with (``configs/accelerate/*.yaml``).
 from __future__ import annotations
 
 import dataclasses
-import json
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from dist_audio.storage import parse_location
 
 __all__ = [
     "MODEL_CONFIGS",
@@ -36,7 +38,6 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_config",
-    "read_manifest",
     "save_config",
 ]
 
@@ -164,7 +165,10 @@ ModelConfig = SashimiConfig | TFSWAConfig
 class DataConfig:
     """Where the shards are and how batches are cut from them (see ``dist_audio.data``)."""
 
-    shards: str = ""  # directory holding manifest.json and the tar shards (data_prep output)
+    shards: str = ""  # directory or URL (s3://, gs://, http(s)://) holding manifest.json and the tar shards
+    remote_timeout_s: float = 60.0  # a URL source unreachable this long (retries and all) ends the run
+    cache_dir: str = ""  # URL sources: keep fetched shard indexes and member bytes here ("" = no cache)
+    cache_max_gib: float = 10.0  # size limit of cache_dir; least recently used entries go first
     task: Literal["autoregressive", "separation"] = "autoregressive"
     batch_size: int = 8  # per rank, per micro-step
     segment_seconds: float = 1.0  # length of one training crop
@@ -184,6 +188,12 @@ class DataConfig:
 
     def validate(self, key: str) -> None:
         _check(bool(self.shards), f"{key}.shards", "required: the directory made by `python -m data_prep.shard`")
+        try:
+            parse_location(self.shards)
+        except ValueError as err:
+            raise ConfigError(f"{key}.shards", str(err)) from None
+        _check(self.remote_timeout_s > 0, f"{key}.remote_timeout_s", "must be > 0")
+        _check(self.cache_max_gib > 0, f"{key}.cache_max_gib", "must be > 0")
         _check(self.batch_size > 0, f"{key}.batch_size", "must be > 0")
         _check(self.segment_seconds > 0, f"{key}.segment_seconds", "must be > 0")
         _check(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
@@ -256,18 +266,39 @@ class TrainConfig:
         _check(self.val_batches >= 0, f"{key}.val_batches", "must be >= 0")
 
 
+# Accelerate trackers dist_audio sets up (name in log.trackers -> the module that must be importable).
+# Each keeps its files under the run directory unless its own environment variables say otherwise:
+# tb/ (TensorBoard), mlflow.db + mlflow-artifacts/ (MLflow, unless MLFLOW_TRACKING_URI), wandb/
+# (W&B; WANDB_MODE=offline needs no network), .aim/ (Aim).
+TRACKER_MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "aim": "aim"}
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow-skinny sqlalchemy alembic",
+                    "wandb": "wandb", "aim": "aim"}
+
+
 @dataclass
 class LogConfig:
-    """What goes to TensorBoard and the console."""
+    """What goes to the experiment trackers and the console."""
 
     every: int = 10  # steps between scalar logs
-    tensorboard: bool = True
-    audio_seconds: float = 2.0  # audio written to TensorBoard at each validation
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # every one gets the same scalars
+    audio_seconds: float = 2.0  # audio (and its figures) written to TensorBoard at each validation
     progress_bar: bool = True
 
     def validate(self, key: str) -> None:
         _check(self.every > 0, f"{key}.every", "must be > 0")
         _check(self.audio_seconds >= 0, f"{key}.audio_seconds", "must be >= 0")
+        for name in self.trackers:
+            _check(name in TRACKER_MODULES, f"{key}.trackers",
+                   f"unknown tracker {name!r}; choose from {list(TRACKER_MODULES)}")
+        _check(len(set(self.trackers)) == len(self.trackers), f"{key}.trackers", "names a tracker twice")
+
+    def check_installed(self) -> None:
+        """Every tracker named can be imported here: checked before training (not on every load, so a
+        model trained with W&B still loads for inference where W&B is not installed)."""
+        for name in self.trackers:
+            _check(importlib.util.find_spec(TRACKER_MODULES[name]) is not None, "log.trackers",
+                   f"tracker {name!r} is not installed (pip install {TRACKER_PACKAGES[name]}); "
+                   "install it or remove it from log.trackers")
 
 
 @dataclass
@@ -304,7 +335,7 @@ def load_config(
 ) -> RunConfig:
     """Read a YAML run config, apply ``key=value`` overrides, convert types and validate.
 
-    With ``check_data`` the shard directory is opened too: it must exist with a manifest whose
+    With ``check_data`` the shard location is opened too: it must exist with a manifest whose
     sample rate, channels, stems and chunk length suit the model and segment length.
     """
     path = Path(path)
@@ -320,6 +351,8 @@ def load_config(
         apply_override(raw, item)
     cfg = config_from_dict(raw)
     if check_data:
+        from dist_audio.data.manifest import check_data_compatible  # the data package imports this module
+
         check_data_compatible(cfg)
     return cfg
 
@@ -356,9 +389,23 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     if name not in MODEL_CONFIGS:
         raise ConfigError("model.name", f"must be one of {sorted(MODEL_CONFIGS)}, got {name!r}")
     raw["model"] = _build_dataclass(MODEL_CONFIGS[name], model_raw, "model")
+    if isinstance(raw.get("log"), dict) and "tensorboard" in raw["log"]:
+        raw["log"] = _legacy_tensorboard_key(raw["log"])
     cfg = _build_dataclass(RunConfig, raw, "", prebuilt={"model"})
     cfg.validate()
     return cfg
+
+
+def _legacy_tensorboard_key(log: dict[str, Any]) -> dict[str, Any]:
+    """``log.tensorboard: true | false`` (configs and checkpoints before ``log.trackers``, or a
+    ``--set log.tensorboard=false``) adds TensorBoard to ``log.trackers`` or takes it out."""
+    log = dict(log)
+    enabled = log.pop("tensorboard")
+    if not isinstance(enabled, bool):
+        raise ConfigError("log.tensorboard", f"expected true or false, got {enabled!r} (better: log.trackers)")
+    trackers = [name for name in log.get("trackers", ["tensorboard"]) if name != "tensorboard"]
+    log["trackers"] = ["tensorboard", *trackers] if enabled else trackers
+    return log
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -445,46 +492,3 @@ _YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
 def _check(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(key, message)
-
-
-# --------------------------------------------------------------------------------------------------
-# checks against the shard manifest
-# --------------------------------------------------------------------------------------------------
-
-
-def read_manifest(shards: str | Path) -> dict[str, Any]:
-    """The ``manifest.json`` that ``data_prep.shard`` writes last into a shard directory."""
-    path = Path(shards) / "manifest.json"
-    if not Path(shards).is_dir():
-        raise ConfigError("data.shards", f"directory not found: {shards}")
-    if not path.is_file():
-        raise ConfigError("data.shards", f"{shards} has no manifest.json (incomplete or not made by data_prep.shard)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError("data.shards", f"{path} is not valid JSON: {err}") from None
-
-
-def check_data_compatible(cfg: RunConfig) -> dict[str, Any]:
-    """Check the config against the shards' manifest; returns the manifest."""
-    manifest = read_manifest(cfg.data.shards)
-    chunk = manifest.get("options", {}).get("chunk_seconds")
-    train_split = manifest.get("splits", {}).get("train", {})
-    shortest = train_split.get("min_seconds", chunk)
-    if shortest is not None and cfg.data.segment_seconds > float(shortest) + 1e-9:
-        raise ConfigError("data.segment_seconds",
-                          f"{cfg.data.segment_seconds} s is longer than the shortest training chunk "
-                          f"({shortest} s) in {cfg.data.shards}; re-shard with a larger --chunk-seconds")
-    if not train_split.get("samples"):
-        raise ConfigError("data.shards", f"{cfg.data.shards} has no training samples")
-    _check(manifest.get("sample_rate") == cfg.model.sample_rate, "model.sample_rate",
-           f"the shards hold {manifest.get('sample_rate')} Hz audio, the model expects {cfg.model.sample_rate} Hz")
-    if isinstance(cfg.model, TFSWAConfig):
-        stems = manifest.get("stems") or []
-        missing = [s for s in cfg.model.sources if s not in stems]
-        _check(manifest.get("layout") == "musdb", "data.shards",
-               "separation needs stem shards (data_prep.shard --layout musdb)")
-        _check(not missing, "model.sources", f"{missing} not among the shards' stems {stems}")
-        _check(manifest.get("channels") == cfg.model.channels, "model.channels",
-               f"the shards hold {manifest.get('channels')}-channel audio")
-    return manifest

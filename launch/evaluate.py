@@ -20,8 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_audio.config import ConfigError, check_data_compatible
+from dist_audio.config import ConfigError
 from dist_audio.data import make_loader
+from dist_audio.data.manifest import check_data_compatible
 from dist_audio.inference import load_model
 from dist_audio.metrics import bits_per_sample
 from dist_audio.objectives import build_objective
@@ -30,7 +31,8 @@ from dist_audio.objectives import build_objective
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="export, checkpoint or run directory")
-    parser.add_argument("--data", required=True, help="shard directory (made by python -m data_prep.shard)")
+    parser.add_argument("--data", required=True,
+                        help="shard directory or URL (s3://, gs://, http(s)://) made by data_prep.shard")
     parser.add_argument("--split", default="valid", choices=["train", "valid"], help="split to read")
     parser.add_argument("--batch-size", type=int, help="crops per batch (default: the run's data.batch_size)")
     parser.add_argument("--segment-seconds", type=float, help="crop length (default: the run's)")

@@ -4,7 +4,8 @@
 Prints, for every strategy × activation checkpointing × precision, the predicted peak per GPU split
 into parameters, gradients, optimizer states, activations and temporaries, which fit, the fastest
 that fits, the largest micro-batch and segment under it, and the Accelerate config to launch with.
-Runs on a machine without a GPU, in seconds. Exit codes: 0 planned, 2 user error (one line).
+Runs on a machine without a GPU, in seconds: the traces run side by side in one process per core and
+are kept on disk (``--no-cache`` to trace afresh). Exit codes: 0 planned, 2 user error (one line).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # fake tensors do no arithmetic; 
 
 from dist_audio.config import ConfigError, load_config
 from dist_audio.plan import check_inputs, format_json, format_text, make_plan, parse_memory, plot
+from dist_audio.plan.trace import default_cache_dir
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,6 +37,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="override one config key, e.g. --set data.segment_seconds=6 (repeatable)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the plan as a stacked bar chart")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes tracing side by side (default: one per usable core; 1 = this process)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="trace everything afresh; by default traces are kept in $DIST_AUDIO_PLAN_CACHE "
+                             "or ~/.cache/dist_audio/plan and reused while the model code is unchanged")
     return parser.parse_args(argv)
 
 
@@ -49,11 +56,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--gpu-memory", str(err)) from None
         if args.sample_rate is not None and args.sample_rate <= 0:
             raise ConfigError("--sample-rate", "must be > 0")
+        if args.workers is not None and args.workers < 1:
+            raise ConfigError("--workers", "must be >= 1")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     plan = make_plan(cfg, gpus=args.gpus, nodes=args.nodes, gpu_memory=gpu_memory, margin=args.margin,
-                     sample_rate=args.sample_rate, config_path=args.config)
+                     sample_rate=args.sample_rate, config_path=args.config, workers=args.workers,
+                     cache_dir=None if args.no_cache else default_cache_dir())
     print(format_json(plan) if args.json else format_text(plan))
     if args.plot:
         plot(plan, args.plot)

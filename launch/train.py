@@ -16,6 +16,7 @@ import sys
 
 from dist_audio.config import ConfigError, load_config
 from dist_audio.data import CorruptDataError
+from dist_audio.storage import SourceUnavailable
 from dist_audio.train.auto_fit import AutoFitExhausted
 from dist_audio.train.checkpoint import CheckpointError, check_run_dir, latest_checkpoint
 from dist_audio.train.parallelize import StrategyError, check_precision_supported
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.set, check_data=True)
         check_precision_supported(cfg.train)
+        cfg.log.check_installed()
         resume = args.resume == "auto" and not args.test_mode
         if not args.test_mode:
             check_run_dir(cfg.run_dir, resume=resume, overwrite=args.overwrite)
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if speaks:
             print(f"error: {err}", file=sys.stderr)
         return 2
-    except (TrainingError, CheckpointError, CorruptDataError, AutoFitExhausted) as err:
+    except (TrainingError, CheckpointError, CorruptDataError, SourceUnavailable, AutoFitExhausted) as err:
         if speaks:
             print(f"training failed: {err}", file=sys.stderr)
         return 1

@@ -10,11 +10,11 @@ from dist_audio.config import (
     ConfigError,
     SashimiConfig,
     TFSWAConfig,
-    check_data_compatible,
     config_from_dict,
     load_config,
     save_config,
 )
+from dist_audio.data.manifest import check_data_compatible
 
 BASE = {
     "model": {"name": "sashimi", "d_model": 16, "n_layers": 2},

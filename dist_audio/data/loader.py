@@ -23,32 +23,42 @@ With ``num_workers > 0`` a torch ``DataLoader`` asks its workers round-robin, so
 this loader is made by worker ``i % num_workers``, which computes it from scratch (shard indexes and a
 few open shard files are cached per worker).
 
-We read tar files with ``tarfile`` rather than ``webdataset`` because we need random access into a
+``data.shards`` may be a URL (``s3://``, ``gs://``, ``http(s)://``): the manifest, the shard indexes and
+the crops are then fetched with ranged reads (``dist_audio.storage``), retried on transient errors; each
+batch carries ``remote_retries`` (retries since the previous batch of that worker), and a source down for
+longer than ``data.remote_timeout_s`` raises ``SourceUnavailable``. ``data.cache_dir`` keeps indexes and
+fetched blocks on local disk.
+
+We read tar files ourselves rather than with ``webdataset`` because we need random access into a
 member so a crop decodes only its own bytes, samples addressed by position rather than streamed, no
-pickle decoding, and a count of every skipped sample. See ``dist_audio.data.shards`` for the reading.
+pickle decoding, and a count of every skipped sample; the shards stay plain WebDataset shards that
+``webdataset.WebDataset`` reads too. See ``dist_audio.data.shards`` for the reading.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
+import json
 import logging
 import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dist_audio.config import ConfigError, DataConfig, read_manifest
+from dist_audio.config import ConfigError, DataConfig
+from dist_audio.data.manifest import read_manifest
 from dist_audio.data.order import EpochOrder, counter_uniform
 from dist_audio.data.quantize import pcm16_table, zero_level
-from dist_audio.data.shards import BadSample, SampleRef, ShardReader, index_shard, iter_shard
+from dist_audio.data.shards import BadSample, SampleRef, ShardReader, ShardSource, index_shard, iter_shard
+from dist_audio.storage import DiskCache, SourceUnavailable, Store, take_retries
 
 __all__ = ["AudioLoader", "CorruptDataError", "make_loader", "valid_crop_starts"]
 
@@ -64,16 +74,15 @@ class CorruptDataError(RuntimeError):
 
 
 def make_loader(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0, *,
-                start_sample: int = 0, global_batch: int | None = None, start_batch: int | None = None) -> AudioLoader:
+                start_sample: int = 0, global_batch: int | None = None) -> AudioLoader:
     """The batches of ``split`` ("train" or "valid") for one rank; ``len()`` is equal on every rank.
 
     Autoregressive batches: ``x``, ``y`` Long[B, L] (``x`` = ``y`` shifted right, first token the zero
     level), ``keys``, ``skipped``. Separation batches: ``mixture`` Float[B, C, T], ``stems`` Float[B, S, C, T],
-    ``keys``, ``skipped``. Validation batches also carry ``mask`` Bool[B] (False = padding).
+    ``keys``, ``skipped``, ``remote_retries``. Validation batches also carry ``mask`` Bool[B] (False = padding).
 
     train: ``global_batch`` (default ``batch_size × world_size``) samples per optimizer step, starting at
-    epoch position ``start_sample``. ``start_batch`` is for the trainer that still counts this rank's
-    batches of a ``batch_size × world_size`` global batch: it means ``start_sample = start_batch × G``.
+    epoch position ``start_sample``.
     valid: always from the start, ``batch_size`` crops per batch and rank (``global_batch`` does not apply).
     """
     if split not in SPLITS:
@@ -82,12 +91,10 @@ def make_loader(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1,
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     data = _Data.from_manifest(cfg, split)
     if split == "valid":
-        if start_sample or start_batch:
+        if start_sample:
             raise ValueError("validation always starts at its beginning: start_sample must be 0")
         return AudioLoader(_ValidPlan.make(data, rank, world_size))
     size = global_batch if global_batch is not None else cfg.batch_size * world_size
-    if start_batch is not None:
-        start_sample = start_batch * size
     if start_sample < 0:
         raise ValueError(f"start_sample must be >= 0, got {start_sample}")
     return AudioLoader(_TrainPlan.make(data, rank, world_size, seed, epoch, start_sample, size))
@@ -116,11 +123,18 @@ class _Data:
     channels: int
     chunk_frames: int
     segment: int  # frames per crop
+    source: ShardSource  # opens the shards (a local directory or a URL, with its cache)
 
     @classmethod
     def from_manifest(cls, cfg: DataConfig, split: str) -> _Data:
-        root = Path(cfg.shards)
-        manifest = read_manifest(root)
+        try:
+            store = Store(cfg.shards, cfg.remote_timeout_s)
+        except ValueError as err:
+            raise ConfigError("data.shards", str(err)) from None
+        root = store.url
+        manifest = read_manifest(store)
+        version = hashlib.sha1(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+        cache = DiskCache(cfg.cache_dir, int(cfg.cache_max_gib * 2**30)) if cfg.cache_dir else None
         layout = manifest.get("layout")
         channels = int(manifest["channels"])
         if cfg.task == "separation":
@@ -134,10 +148,11 @@ class _Data:
         entry = manifest["splits"].get(split) or {}
         if not entry.get("samples"):
             raise ConfigError("data.shards", f"{root} has no {split} samples")
-        shards = tuple(_Shard(str(root / name), int(n), tuple(short)) for name, n, short in
+        shards = tuple(_Shard(store.path(name), int(n), tuple(short)) for name, n, short in
                        zip(entry["shards"], entry["shard_samples"], entry["shard_short_chunks"]))
         return cls(cfg, split, shards, "audio" if layout == "files" else "mixture", channels,
-                   int(manifest["chunk_frames"]), round(cfg.segment_seconds * manifest["sample_rate"]))
+                   int(manifest["chunk_frames"]), round(cfg.segment_seconds * manifest["sample_rate"]),
+                   ShardSource(store, cache, version))
 
 
 @dataclass(frozen=True)
@@ -239,6 +254,8 @@ class AudioLoader:
         batches = iter(loader)
         try:
             yield from batches
+        except SourceUnavailable as err:  # re-raised from a worker with its traceback as the message
+            raise SourceUnavailable(str(err).rstrip().splitlines()[-1].split("SourceUnavailable: ", 1)[-1]) from None
         finally:
             # On an error or an early stop, end the workers now: a traceback that still references the
             # iterator would otherwise keep them alive, and every later write in this process would pay
@@ -298,7 +315,7 @@ def _valid_batches(plan: _ValidPlan, worker: int, workers: int, reader: _Reader)
 
 def _valid_crops(plan: _ValidPlan, counter: _BadCounter | None) -> Iterator[tuple[SampleRef, int]]:
     for shard in plan.data.shards:
-        for item in iter_shard(shard.path, shard.samples):
+        for item in iter_shard(shard.path, shard.samples, plan.data.source):
             if isinstance(item, SampleRef):
                 yield from ((item, start) for start in valid_crop_starts(item.frames, plan.data.segment))
             elif counter is not None:
@@ -355,7 +372,7 @@ class _Reader:
 
     def __init__(self, data: _Data):
         self.data, self.cfg = data, data.cfg
-        self.shards = ShardReader()
+        self.shards = ShardReader(source=data.source)
         self.counter = _BadCounter(self.cfg.max_bad_fraction, self.cfg.bad_window)
         self._indexes: OrderedDict[int, list[SampleRef | BadSample]] = OrderedDict()
         if self.cfg.task == "autoregressive":
@@ -377,7 +394,8 @@ class _Reader:
         else:
             if len(self._indexes) >= _INDEXES_KEPT:
                 self._indexes.popitem(last=False)
-            self._indexes[shard] = index_shard(self.data.shards[shard].path, self.data.shards[shard].samples)
+            entry = self.data.shards[shard]
+            self._indexes[shard] = index_shard(entry.path, entry.samples, self.data.source)
         return self._indexes[shard][index]
 
     def example(self, ref: SampleRef, start: int) -> dict[str, Any]:
@@ -417,6 +435,7 @@ class _Reader:
             batch = {name: torch.stack([row[name] for row in rows]) for name in ("mixture", "stems")}
         batch["keys"] = [row["key"] for row in rows]
         batch["skipped"] = torch.tensor(self.counter.take_skipped(), dtype=torch.long)
+        batch["remote_retries"] = torch.tensor(take_retries(), dtype=torch.long)
         if with_mask:
             batch["mask"] = torch.tensor([e is not None for e in examples])
         return batch

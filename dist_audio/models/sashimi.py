@@ -289,13 +289,12 @@ class SaShiMi(nn.Module):
         p = self.pool[level]
         phase = state.t // math.prod(self.pool[:level]) % p
         h = state.stages[f"down{level}"](h)
-        skip = h
         state.down_buffer[level][:, phase] = h
-        out = state.up_pending[level][:, phase]
+        h = state.up_pending[level][:, phase] + h  # read before the queue below is refilled
         if phase == p - 1:  # the coarse step is complete: run the inner stages, queue its outputs
             buffer = state.down_buffer[level]
             coarse = self.down_pools[level].linear(buffer.reshape(buffer.shape[0], -1))
             inner = self._step_level(level + 1, coarse, state)
-            state.up_pending[level] = self.up_pools[level].linear(inner).view(buffer.shape)
-        h = out + skip
+            # in place: every state tensor keeps its storage, so a CUDA graph of a step replays correctly
+            state.up_pending[level].copy_(self.up_pools[level].linear(inner).view(buffer.shape))
         return h + state.stages[f"up{level}"](h)

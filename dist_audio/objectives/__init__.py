@@ -6,8 +6,9 @@ An objective has three methods, all taking the (possibly wrapped) model and one 
 - ``evaluate(model, batch) -> dict[str, Tensor[B]]``: per-sample validation metrics, always with
   ``loss`` (the trainer averages them over samples and ranks and logs them under ``val/``);
 - ``preview(model, batch, seconds) -> dict[str, Tensor[C, T]]``: float audio in [-1, 1] of the batch's
-  first example to listen to in TensorBoard (generated audio, or the mixture and separated stems), run
-  on one device with a plain model.
+  first example to listen to and look at in TensorBoard, run on one device with a plain model:
+  ``generated`` and ``real`` (autoregressive), or ``mixture``, one entry per separated stem and
+  ``target/<stem>`` (separation); ``dist_audio.train.figures.preview_figure`` draws either.
 """
 
 from __future__ import annotations

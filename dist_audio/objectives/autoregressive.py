@@ -6,6 +6,9 @@ is the zero level). Previews are generated in recurrent mode, one sample at a ti
 
 from __future__ import annotations
 
+import math
+import time
+
 import torch
 from torch import Tensor, nn
 
@@ -14,7 +17,7 @@ from dist_audio.data.quantize import dequantize, zero_level
 from dist_audio.models.heads import CategoricalHead, DMLHead, make_head, nats_to_bits, sample_from_log_probs
 from dist_audio.models.sashimi import SashimiState
 
-__all__ = ["AutoregressiveObjective", "generate"]
+__all__ = ["AutoregressiveObjective", "PeriodSampler", "generate"]
 
 
 @torch.inference_mode()
@@ -49,6 +52,87 @@ def generate(model: nn.Module, head: CategoricalHead | DMLHead, *, num: int, ste
     return torch.stack(tokens, dim=1), log_likelihood
 
 
+class PeriodSampler:
+    """Unconditional sampling of ``batch`` sequences, one period (``prod(model.pool)`` steps, after which
+    every stage's phase repeats) per call, optionally captured once in a CUDA graph and replayed.
+
+    A recurrent step at small batch is hundreds of tiny kernels; replaying them as one graph removes the
+    launch and Python cost. A period is what gets captured because the stages run depend on the step's
+    phase; the state keeps its tensors in place, so every replay continues the last one. Eagerly (on
+    any device) it draws exactly what ``generate`` draws from the same generator; in a graph the random
+    draws come from the default CUDA generator (graph-safe), so they differ from eager ones.
+    """
+
+    def __init__(self, model: nn.Module, head: CategoricalHead | DMLHead, batch: int, *, first_token: int,
+                 temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+                 cuda_graph: bool = False):
+        self.model, self.head, self.first_token = model, head, first_token
+        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+        self.period = math.prod(model.pool)
+        device = next(model.parameters()).device
+        self.state = model.default_state(batch)
+        with torch.inference_mode():
+            self.token = torch.full((batch,), first_token, dtype=torch.long, device=device)
+        self.graph = None
+        self.capture_seconds = 0.0
+        if cuda_graph:
+            if device.type != "cuda" or generator is not None:
+                raise ValueError("a CUDA graph needs a model on a CUDA device and the default generator")
+            self._capture()
+
+    @torch.inference_mode()
+    def _period(self) -> tuple[Tensor, Tensor]:
+        tokens, log_likelihood = [], torch.zeros(self.token.shape[0], dtype=torch.float64, device=self.token.device)
+        token = self.token
+        for _ in range(self.period):
+            out, _ = self.model.step(token, self.state)
+            log_probs = self.head.log_prob_bins(out)
+            token = sample_from_log_probs(log_probs, temperature=self.temperature, top_p=self.top_p,
+                                          generator=self.generator)
+            log_likelihood += log_probs.gather(-1, token[:, None])[:, 0]
+            tokens.append(token)
+        self.token.copy_(token)
+        return torch.stack(tokens, dim=1), log_likelihood
+
+    def _capture(self) -> None:
+        start = time.perf_counter()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (library handles, workspaces)
+            for _ in range(2):
+                self._period()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.graph_output = self._period()
+        self.reset()
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - start
+
+    @torch.inference_mode()
+    def reset(self) -> None:
+        """Back to the start: zero state, the first token."""
+        self.state.reset()
+        self.token.fill_(self.first_token)
+
+    @torch.inference_mode()
+    def run(self, periods: int) -> tuple[Tensor, Tensor]:
+        """Reset, then sample ``periods`` periods: Long[batch, periods × period] tokens and their
+        log-likelihood in nats under the model, Float64[batch]."""
+        self.reset()
+        tokens, log_likelihood = [], 0.0
+        for _ in range(periods):
+            if self.graph is None:
+                chunk, ll = self._period()
+            else:
+                self.graph.replay()
+                chunk, ll = (t.clone() for t in self.graph_output)
+                self.state.t += self.period  # the Python side of the state, which a replay does not run
+            tokens.append(chunk)
+            log_likelihood = log_likelihood + ll
+        return torch.cat(tokens, dim=1), log_likelihood
+
+
 class AutoregressiveObjective:
     """Negative log-likelihood of the next quantized sample under the model's head."""
 
@@ -72,7 +156,8 @@ class AutoregressiveObjective:
         return {"loss": nll, "bits_per_sample": nats_to_bits(nll)}
 
     def preview(self, model: nn.Module, batch: dict, seconds: float) -> dict[str, Tensor]:
-        """One unconditional sample of ``seconds`` (the batch only says where), decoded to [C, T] audio."""
+        """One unconditional sample of ``seconds`` decoded to [C, T] audio (``generated``), and the batch's
+        first example as ``real`` (at most as long) to compare it with."""
         channels = 2 if self.interleave_stereo else 1
         steps = int(seconds * self.sample_rate) * channels
         was_training = model.training
@@ -83,7 +168,8 @@ class AutoregressiveObjective:
         finally:
             model.train(was_training)
         audio = dequantize(tokens.cpu(), self.bits, self.quantization)
-        return {"generated": deinterleave(audio[0], channels)}
+        real = dequantize(batch["y"][0, :steps].cpu(), self.bits, self.quantization)
+        return {"generated": deinterleave(audio[0], channels), "real": deinterleave(real, channels)}
 
 
 def deinterleave(wave: Tensor, channels: int) -> Tensor:

@@ -75,7 +75,11 @@ class SeparationObjective:
 
     @torch.no_grad()
     def preview(self, model: nn.Module, batch: dict, seconds: float) -> dict[str, torch.Tensor]:
-        """The first example's mixture and separated stems, ``name -> [c, n]`` in [-1, 1]."""
-        mixture = batch["mixture"][:1, :, : max(1, round(seconds * self.sample_rate))]
+        """The first example's mixture, separated stems and true stems (``target/<stem>``), ``name -> [c, n]``
+        in [-1, 1]."""
+        length = max(1, round(seconds * self.sample_rate))
+        mixture = batch["mixture"][:1, :, :length]
         estimate = model(mixture)[0].clamp(-1, 1)
-        return {"mixture": mixture[0].clamp(-1, 1), **{stem: estimate[i] for i, stem in enumerate(self.sources)}}
+        targets = batch["stems"][0, :, :, :length]
+        return {"mixture": mixture[0].clamp(-1, 1), **{stem: estimate[i] for i, stem in enumerate(self.sources)},
+                **{f"target/{stem}": targets[i] for i, stem in enumerate(self.sources)}}

@@ -23,7 +23,9 @@ fsdp_offload   c(R + 2U)                   (4(R + U) unsharded)                0
 
 ``[+ 4P/N]`` is DeepSpeed's fp32 gradient partition under bf16; ``bucket`` is DeepSpeed's reduce
 bucket (``reduce_bucket_size`` elements, at most ``P``); ``2U`` is the block being computed plus the
-one prefetched.
+one prefetched. Under FSDP2 bf16 the model's ``fp32_classes`` are units of their own gathered in fp32;
+they are counted at ``c`` here (SaShiMi's SSM kernels: 5 % of its parameters). What the engines do to
+activations under bf16 is traced, not modelled (``trace.BF16_AS``, ``BF16_AS`` below).
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ from torch import nn
 STRATEGIES = ("ddp", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_offload")
 PRECISIONS = ("fp32", "bf16")
 OFFLOAD_STRATEGIES = ("zero3_offload", "fsdp_offload")
+# How bf16 reaches the model under each engine (``trace.BF16_AS``): Accelerate's autocast for DDP,
+# bf16 parameters (module.bfloat16()) under DeepSpeed, per-unit MixedPrecisionPolicy under FSDP2.
+BF16_AS = {"ddp": "autocast", "zero2": "parameters", "zero3": "parameters", "zero3_offload": "parameters",
+           "fsdp": "fsdp2", "fsdp_offload": "fsdp2"}
 
 # DeepSpeed defaults (Accelerate leaves them at DeepSpeed's values for models without a HF config).
 DEEPSPEED_PERSISTENCE_THRESHOLD = 100_000  # parameters with fewer elements stay whole on every rank

@@ -1,9 +1,14 @@
 """The memory plan: every strategy × checkpointing × precision, what fits, what to launch.
 
-Tracing is the expensive part, so the step is traced once per (checkpointing, precision) at the
-configured micro-batch and segment, and every strategy's model states are added analytically
-(``model_states``). The largest micro-batch and segment are found by tracing one more size along
-each axis, fitting the predicted peak as linear in it, and tracing the answer to check the fit.
+Tracing is the expensive part, so the step is traced once per (checkpointing, precision as the
+engine runs it) at the configured micro-batch and segment, and every strategy's model states are added
+analytically (``model_states``). The largest micro-batch and segment are found by tracing one more size
+along each axis, fitting the predicted peak as linear in it, and tracing the answer to check the fit.
+Every trace that does not wait on another runs at the same time, in forked workers (``TracePool``):
+the table's traces together, then both axes' second sizes, then both answers.
+
+The recommendation keeps the run's ``train.mixed_precision``: the rows of the other precision are shown,
+never recommended.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +27,7 @@ import torch
 
 from dist_audio.config import ConfigError, RunConfig, SashimiConfig, TFSWAConfig
 from dist_audio.plan.model_states import (
+    BF16_AS,
     OFFLOAD_STRATEGIES,
     PRECISIONS,
     STRATEGIES,
@@ -28,7 +35,16 @@ from dist_audio.plan.model_states import (
     model_states,
     param_layout,
 )
-from dist_audio.plan.trace import CUDA_SEGMENT, StepTrace, Tracer, Workload
+from dist_audio.plan.trace import (
+    CUDA_SEGMENT,
+    StepTrace,
+    TraceCache,
+    TraceKey,
+    TracePool,
+    Tracer,
+    Workload,
+    default_workers,
+)
 
 GIB = 1024**3
 CHECKPOINTING = ("none", "blocks")
@@ -43,9 +59,9 @@ CUDA_NOTES = (
     "allocator's 512 B blocks, the largest tensor rounded to 2 MiB held as allocator slack, an fp32 "
     "attention workspace of the largest query (flash/mem-efficient backward), foreach AdamW "
     "temporaries, and 0.5 GiB for the CUDA context, library workspaces and NCCL buffers",
-    "bf16 = Accelerate autocast (fp32 master weights, bf16 matmuls/convs) for ddp/fsdp; DeepSpeed rows "
-    "keep bf16 weights plus fp32 master weights and gradients in the optimizer; activations are the "
-    "autocast trace's for every row (DeepSpeed's all-bf16 forward needs somewhat less)",
+    "bf16 traced as each engine runs it: DDP under autocast (fp32 weights, bf16 matmuls/convs); "
+    "DeepSpeed with every parameter bf16 (fp32 master weights and gradients in the optimizer); FSDP2 "
+    "with bf16 units and the model's fp32_classes kept fp32 (MixedPrecisionPolicy as the trainer sets it)",
 )
 
 
@@ -101,7 +117,10 @@ def config_workload(cfg: RunConfig) -> Workload:
         x = torch.cat([torch.zeros(batch_size, 1, dtype=torch.long), y[:, :-1]], dim=1)
         return {"x": x, "y": y, "keys": keys, "skipped": torch.zeros((), dtype=torch.long)}
 
+    identity = json.dumps({"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
+                           "weight_decay": cfg.optim.weight_decay}, sort_keys=True, default=str)
     return Workload(
+        identity=identity,
         build_model=lambda: build_model(cfg.model),
         make_batch=make_batch,
         loss=lambda model, batch: objective.loss(model, batch)[0],
@@ -167,11 +186,14 @@ def predict(trace: StepTrace, strategy: str, layout: ParamLayout, world_size: in
 _SPEED_RANK = {s: i for i, s in enumerate(("ddp", "zero2", "zero3", "fsdp", "zero3_offload", "fsdp_offload"))}
 
 
-def speed_order(row: Row, preferred_precision: str) -> tuple:
-    """Sort key, fastest first: DDP, ZeRO-2, ZeRO-3/FSDP, offload; no recomputation before blocks;
-    the run's own precision before the other (the planner does not change numerics unasked)."""
-    return (_SPEED_RANK[row.strategy], CHECKPOINTING.index(row.activation_checkpointing),
-            row.precision != preferred_precision)
+def speed_order(row: Row) -> tuple:
+    """Sort key, fastest first: DDP, ZeRO-2, ZeRO-3/FSDP, offload; no recomputation before blocks."""
+    return (_SPEED_RANK[row.strategy], CHECKPOINTING.index(row.activation_checkpointing))
+
+
+def row_precision(mixed_precision: str) -> str:
+    """The rows' precision for a ``train.mixed_precision`` (fp16 stores and computes in as many bytes as bf16)."""
+    return "fp32" if mixed_precision in ("no", "fp32") else "bf16"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,7 +222,8 @@ class Plan:
     inputs: dict[str, Any]
     seconds: float  # whole plan
     table_seconds: float  # the 24 rows (4 traced steps), before the micro-batch / segment search
-    traces: int
+    traces: int  # distinct steps the plan used
+    traces_from_cache: int = 0  # of which read from the on-disk cache
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -221,42 +244,72 @@ class Plan:
             "planner_seconds": round(self.seconds, 2),
             "table_seconds": round(self.table_seconds, 2),
             "traces": self.traces,
+            "traces_from_cache": self.traces_from_cache,
         }
 
 
 class Planner:
-    """Traces a workload on demand (memoised by shape) and predicts rows for one cluster shape."""
+    """Traces a workload on demand (memoised by shape, in parallel workers) and predicts rows for one
+    cluster shape."""
 
     def __init__(self, workload: Workload, layout: ParamLayout, *, gpus: int, nodes: int = 1,
-                 gpu_memory: int, margin: float = 0.1, cuda: bool = True):
+                 gpu_memory: int, margin: float = 0.1, cuda: bool = True, workers: int | None = None,
+                 cache: TraceCache | None = None):
         self.workload, self.layout, self.cuda = workload, layout, cuda
         self.gpus, self.nodes, self.world = gpus, nodes, gpus * nodes
         self.budget = gpu_memory * (1.0 - margin)
         self.tracer = Tracer(workload, cuda=cuda)
-        self._traces: dict[tuple, StepTrace] = {}
+        self.pool = TracePool(self.tracer, default_workers() if workers is None else workers, cache)
 
-    def trace(self, batch_size: int, length: int, precision: str, checkpointing: str) -> StepTrace:
-        key = (batch_size, length, precision, checkpointing)
-        if key not in self._traces:
-            self._traces[key] = self.tracer.step(batch_size, length, precision=precision,
-                                                 checkpointing=checkpointing)
-        return self._traces[key]
+    @staticmethod
+    def key(strategy: str, batch_size: int, length: int, precision: str, checkpointing: str) -> TraceKey:
+        """The trace a row needs: under bf16 each engine runs the model its own way (``BF16_AS``)."""
+        return (batch_size, length, precision, checkpointing, BF16_AS[strategy] if precision == "bf16" else None)
+
+    def trace(self, batch_size: int, length: int, precision: str, checkpointing: str,
+              bf16_as: str = "autocast") -> StepTrace:
+        return self.pool.get((batch_size, length, precision, checkpointing, bf16_as if precision == "bf16" else None))
 
     @property
     def traces(self) -> int:
-        return len(self._traces)
+        return len(self.pool)
 
     def row(self, strategy: str, batch_size: int, length: int, precision: str, checkpointing: str) -> Row:
-        trace = self.trace(batch_size, length, precision, checkpointing)
+        trace = self.pool.get(self.key(strategy, batch_size, length, precision, checkpointing))
         return predict(trace, strategy, self.layout, self.world, self.gpus, cuda=self.cuda, budget=self.budget)
 
     def rows(self, batch_size: int, length: int) -> list[Row]:
-        return [self.row(s, batch_size, length, p, ac)
-                for s in STRATEGIES for ac in CHECKPOINTING for p in PRECISIONS]
+        variants = [(s, ac, p) for s in STRATEGIES for ac in CHECKPOINTING for p in PRECISIONS]
+        self.pool.prefetch(self.key(s, batch_size, length, p, ac) for s, ac, p in variants)
+        return [self.row(s, batch_size, length, p, ac) for s, ac, p in variants]
 
     def largest(self, row: Row, batch_size: int, length: int, axis: str, cap: int) -> tuple[int, float, bool]:
         """Largest micro-batch (``axis="batch"``) or length that fits under ``row``'s choices:
         (value, fit error, capped). Linear fit through two traced sizes, then checked by tracing."""
+        return self.largest_along([(row, batch_size, length, axis, cap)])[0]
+
+    def largest_along(self, searches: list[tuple[Row, int, int, str, int]]) -> list[tuple[int, float, bool]]:
+        """Several ``largest`` searches in lockstep, so the traces each round needs run side by side."""
+        running = [self._search(*search) for search in searches]
+        results: list[tuple[int, float, bool] | None] = [None] * len(running)
+        wanted = [next(search) for search in running]
+        while any(r is None for r in results):
+            self.pool.prefetch(key for keys, r in zip(wanted, results) if r is None for key in keys)
+            for i, search in enumerate(running):
+                if results[i] is None:
+                    try:
+                        wanted[i] = search.send(None)
+                    except StopIteration as done:
+                        results[i] = done.value
+        return results  # type: ignore[return-value]
+
+    def _search(self, row: Row, batch_size: int, length: int, axis: str,
+                cap: int) -> Generator[list[TraceKey], None, tuple[int, float, bool]]:
+        """One ``largest`` search; yields the trace keys it is about to need before it needs them."""
+
+        def key(size: int) -> TraceKey:
+            b, n = (size, length) if axis == "batch" else (batch_size, size)
+            return self.key(row.strategy, b, n, row.precision, row.activation_checkpointing)
 
         def total(size: int) -> float:
             b, n = (size, length) if axis == "batch" else (batch_size, size)
@@ -267,6 +320,7 @@ class Planner:
         lo, hi = start, 2 * start
         if hi > cap:  # the configured size is near the cap (S4-DPLR's l_max): fit below it instead
             lo, hi = max(step, start // 2 // step * step), start
+        yield [key(lo), key(hi)]
         slope = (total(hi) - total(lo)) / (hi - lo)
         if slope <= 0:
             return cap, 0.0, True
@@ -276,6 +330,7 @@ class Planner:
         if best < 1:
             return 0, 0.0, False
         fitted = total(lo) + slope * (best - lo)
+        yield [key(best)]
         traced = total(best)
         error = abs(fitted - traced) / traced
         for _ in range(3):  # the fit was optimistic: secant steps down along the trace
@@ -283,14 +338,22 @@ class Planner:
                 break
             slope = max(slope, (traced - total(lo)) / max(best - lo, 1))
             best = max(step, int(best - (traced - self.budget) / slope) - step) // step * step
+            yield [key(best)]
             traced, capped = total(best), False
         return (best if traced <= self.budget else 0), error, capped
+
+    def close(self) -> None:
+        """Stop the tracing workers."""
+        self.pool.close()
 
 
 def make_plan(cfg: RunConfig, *, gpus: int, gpu_memory: int, nodes: int = 1, margin: float = 0.1,
               sample_rate: int | None = None, workload: Workload | None = None, cuda: bool = True,
-              config_path: str = "CONFIG") -> Plan:
-    """Plan ``cfg`` on ``nodes`` × ``gpus`` GPUs of ``gpu_memory`` bytes each."""
+              config_path: str = "CONFIG", workers: int | None = None,
+              cache_dir: str | Path | None = None) -> Plan:
+    """Plan ``cfg`` on ``nodes`` × ``gpus`` GPUs of ``gpu_memory`` bytes each; ``workers`` tracing
+    processes (default: one per usable core; 1 traces in this process); traces kept in ``cache_dir``
+    (default: none kept)."""
     start = time.perf_counter()
     workload = workload or config_workload(cfg)
     with torch.device("meta"):
@@ -299,16 +362,22 @@ def make_plan(cfg: RunConfig, *, gpus: int, gpu_memory: int, nodes: int = 1, mar
     multiple = workload.length_multiple
     batch = cfg.data.batch_size
     length = max(2, multiple * math.ceil(round(cfg.data.segment_seconds * rate) / multiple))
-    planner = Planner(workload, layout, gpus=gpus, nodes=nodes, gpu_memory=gpu_memory, margin=margin, cuda=cuda)
-    rows = planner.rows(batch, length)
-    table_seconds = time.perf_counter() - start
-    preferred = "bf16" if cfg.train.mixed_precision == "bf16" else "fp32"
-    fitting = sorted((r for r in rows if r.fits), key=lambda r: speed_order(r, preferred))
-    recommended = fitting[0] if fitting else None
-    searched = recommended or min(rows, key=lambda r: r.total)
-    length_cap = min(int(MAX_SEGMENT_SECONDS * rate), workload.max_length or math.inf)
-    max_batch, batch_error, batch_capped = planner.largest(searched, batch, length, "batch", MAX_MICRO_BATCH)
-    max_length, length_error, length_capped = planner.largest(searched, batch, length, "length", length_cap)
+    planner = Planner(workload, layout, gpus=gpus, nodes=nodes, gpu_memory=gpu_memory, margin=margin, cuda=cuda,
+                      workers=workers, cache=TraceCache(cache_dir) if cache_dir is not None else None)
+    try:
+        rows = planner.rows(batch, length)
+        table_seconds = time.perf_counter() - start
+        precision = row_precision(cfg.train.mixed_precision)
+        own = [r for r in rows if r.precision == precision]  # the run's precision is never changed
+        fitting = sorted((r for r in own if r.fits), key=speed_order)
+        recommended = fitting[0] if fitting else None
+        searched = recommended or min(own, key=lambda r: r.total)
+        length_cap = min(int(MAX_SEGMENT_SECONDS * rate), workload.max_length or math.inf)
+        (max_batch, batch_error, batch_capped), (max_length, length_error, length_capped) = planner.largest_along(
+            [(searched, batch, length, "batch", MAX_MICRO_BATCH), (searched, batch, length, "length", length_cap)])
+        traces, from_cache = planner.traces, planner.pool.from_cache
+    finally:
+        planner.close()
     world = gpus * nodes
     config_file = ("single" if world == 1 and searched.strategy == "ddp" else searched.strategy)
     accelerate_config = f"configs/accelerate/{config_file}.yaml"
@@ -323,8 +392,13 @@ def make_plan(cfg: RunConfig, *, gpus: int, gpu_memory: int, nodes: int = 1, mar
         notes.append(f"nothing fits at micro-batch {batch} × {cfg.data.segment_seconds} s; the limits "
                      f"below are for the smallest row ({searched.strategy}, {searched.activation_checkpointing}, "
                      f"{searched.precision})")
+    other = next((r for r in sorted((r for r in rows if r.fits and r.precision != precision), key=speed_order)), None)
+    if recommended is None and other is not None:
+        notes.append(f"{other.precision} rows fit ({other.strategy}, checkpointing {other.activation_checkpointing}: "
+                     f"{other.total / GIB:.2f} GiB); the plan keeps train.mixed_precision="
+                     f"{cfg.train.mixed_precision} as configured")
     overrides = [f"--set train.activation_checkpointing={searched.activation_checkpointing}",
-                 f"--set train.mixed_precision={'bf16' if searched.precision == 'bf16' else 'no'}"]
+                 f"--set train.mixed_precision={cfg.train.mixed_precision}"]
     if recommended is None and max_batch >= 1:
         overrides.append(f"--set data.batch_size={max_batch}")
     launch = (f"accelerate launch --config_file {accelerate_config} --num_processes {world}"
@@ -342,7 +416,8 @@ def make_plan(cfg: RunConfig, *, gpus: int, gpu_memory: int, nodes: int = 1, mar
                 "length": length, "parameters": layout.total, "largest_block_parameters": layout.largest_unit,
                 "blocks": layout.units, "offload_host_gib_is": "per node",
                 "offload_strategies": list(OFFLOAD_STRATEGIES)},
-        seconds=time.perf_counter() - start, table_seconds=table_seconds, traces=planner.traces, notes=notes,
+        seconds=time.perf_counter() - start, table_seconds=table_seconds, traces=traces,
+        traces_from_cache=from_cache, notes=notes,
     )
 
 

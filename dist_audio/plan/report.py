@@ -53,7 +53,9 @@ def format_text(plan: Plan) -> str:
         "",
     ]
     lines += [f"note: {n}" for n in plan.notes]
-    lines.append(f"planned in {plan.seconds:.1f} s (table {plan.table_seconds:.1f} s; {plan.traces} traced steps)")
+    cached = f", {plan.traces_from_cache} of them from the trace cache" if plan.traces_from_cache else ""
+    lines.append(f"planned in {plan.seconds:.1f} s (table {plan.table_seconds:.1f} s; "
+                 f"{plan.traces} traced steps{cached})")
     return "\n".join(lines)
 
 

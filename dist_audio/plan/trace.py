@@ -15,17 +15,32 @@ CUDA differs from this CPU trace in ways the trace cannot see; ``cuda=True`` acc
   (``sdpa_workspace``: the largest query seen, in fp32);
 - freed blocks are cached and split, so a request can fail while the total allocated is below the
   card (``largest_alloc``, rounded to the allocator's 2 MiB segments, is held in reserve).
-bf16 is traced under CPU autocast with fp32 weights, as Accelerate runs DDP and FSDP; the autocast
-weight copies appear as activations.
+bf16 is traced the way each engine runs it (``bf16_as``): ``"autocast"`` (DDP: fp32 parameters, CPU
+autocast; the autocast weight copies appear as activations), ``"parameters"`` (DeepSpeed: every parameter
+and buffer cast to bf16, inputs as the loader made them) or ``"fsdp2"`` (FSDP2's ``MixedPrecisionPolicy``
+as ``shard_with_fsdp2`` sets it: parameters bf16 except those of the model's ``fp32_classes``, each
+block's and each fp32 module's floating inputs cast to its parameter dtype, the root's inputs left alone).
+The model's float32 islands (``dist_audio.models.precision``) then upcast what they need, as in training.
+
+``TracePool`` runs traces in forked worker processes, so independent shapes trace side by side, and
+keeps them in an on-disk ``TraceCache`` when given one: a trace depends only on the step (the
+workload's ``identity``), its key, the CUDA terms, torch and the source of the code that runs it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
+import multiprocessing
+import os
+import pickle
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +49,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.distributed._tools import mem_tracker
 from torch.distributed._tools.mem_tracker import MemTracker
+from torch.utils._pytree import tree_map_only
 
 CUDA_BLOCK = 512  # bytes: the caching allocator's smallest block
 CUDA_SEGMENT = 2 * 1024**2  # bytes: the caching allocator's large-segment rounding
@@ -46,6 +62,7 @@ _PARAM = mem_tracker._MemRefType.PARAM
 _BUFFER = mem_tracker._MemRefType.BUFFER
 _DEVICE = torch.ops.prim.device.default
 _META = torch.device("meta")
+BF16_AS = ("autocast", "parameters", "fsdp2")  # how bf16 reaches the model (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -60,17 +77,21 @@ class Workload:
     block_classes: tuple[type[nn.Module], ...]
     length_multiple: int = 1  # lengths the model accepts are multiples of this (SaShiMi's pooling)
     max_length: int | None = None  # longest input the model accepts (S4-DPLR's l_max), None = any
+    identity: str | None = None  # what the step computes, for the on-disk trace cache (None: not cached)
 
 
 @dataclass(frozen=True)
 class StepTrace:
-    """Memory of one traced step, in bytes, for one (micro-batch, length, precision, checkpointing)."""
+    """Memory of one traced step, in bytes, for one (micro-batch, length, precision, checkpointing).
+
+    Picklable (plain numbers and arrays): worker processes send it back."""
 
     batch_size: int
     length: int
-    precision: str
+    precision: str  # fp32 | bf16
     checkpointing: str
-    params: int  # parameters as traced (fp32, one device)
+    bf16_as: str | None  # None in fp32, else one of BF16_AS
+    params: int  # parameters as traced (their dtype as the engine stores them, one device)
     buffers: int  # module buffers (replicated under every strategy)
     grads: int  # parameter gradients at the end of backward
     optimizer: int  # optimizer states after the step
@@ -105,6 +126,28 @@ class _CurveTracker(MemTracker):
         self.curve: list[tuple[int, int, int, int]] = []
         self.largest_alloc = 0
         self.sdpa_query_elems = 0
+        self._seen_modules: set[int] = set()
+
+    # Module hooks: only what classifies tensors (parameters and their gradient hooks on first sight,
+    # the activation-checkpointing recompute flag), none of MemTracker's per-module snapshots.
+    def _pre_fw_hook(self, module: nn.Module, inputs: Any) -> None:
+        if id(module) not in self._seen_modules:
+            self._seen_modules.add(id(module))
+            self._track_module_params_and_buffers(module, install_grad_hooks=True)
+        elif self._mod_tracker.is_bw and self._ac_mod is None:  # recomputing a checkpointed block
+            self._ac_mod = weakref.ref(module)
+            self._in_ac = True
+
+    def _post_fw_hook(self, module: nn.Module, inputs: Any, outputs: Any) -> None:
+        if self._mod_tracker.is_bw and self._ac_mod is not None and self._ac_mod() is module:
+            self._ac_mod = None
+            self._in_ac = False
+
+    def _pre_bw_hook(self, module: nn.Module, args: Any) -> None:
+        pass
+
+    def _post_bw_hook(self, module: nn.Module, args: Any) -> None:
+        pass
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is _DEVICE and isinstance(args[0], FakeTensor):  # asked constantly; allocates nothing
@@ -159,8 +202,48 @@ def _cuda_block_rounding(enabled: bool):
         mem_tracker._WeakRefInfo._calculate_mem_consumed = original
 
 
+def _cast_floating(dtype: torch.dtype) -> Callable[..., Any]:
+    """A forward pre-hook casting a module's floating inputs to ``dtype``, as FSDP2's ``cast_forward_inputs``."""
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return tree_map_only(torch.Tensor, cast, (args, kwargs))
+
+    return hook
+
+
+def _to_bf16(model: nn.Module, *, keep: set[int], buffers: bool) -> None:
+    """Replace each floating parameter of ``model`` not in ``keep`` (ids) by a bf16 one, and with
+    ``buffers`` each floating buffer (in place of ``Module.bfloat16``, which cannot swap fake tensors)."""
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) not in keep and param.is_floating_point():
+                module._parameters[name] = nn.Parameter(param.detach().to(torch.bfloat16),
+                                                        requires_grad=param.requires_grad)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffers and buffer.is_floating_point():
+                module._buffers[name] = buffer.to(torch.bfloat16)
+
+
+def _as_engine_stores(model: nn.Module, bf16_as: str | None) -> None:
+    """Give ``model`` the parameter dtypes (and input casts) its engine runs it with under bf16."""
+    from dist_audio.train.parallelize import block_modules, fp32_modules
+
+    if bf16_as == "parameters":  # DeepSpeed: module.bfloat16() on the whole model
+        _to_bf16(model, keep=set(), buffers=True)
+    elif bf16_as == "fsdp2":  # shard_with_fsdp2: fp32 units, bf16 blocks, bf16 root without input cast
+        _to_bf16(model, keep={id(p) for module in fp32_modules(model) for p in module.parameters()}, buffers=False)
+        for module in fp32_modules(model):
+            module.register_forward_pre_hook(_cast_floating(torch.float32), with_kwargs=True)
+        for block in block_modules(model):
+            block.register_forward_pre_hook(_cast_floating(torch.bfloat16), with_kwargs=True)
+
+
 class Tracer:
-    """Traces steps of one workload on fake tensors; the model is built once per checkpointing mode.
+    """Traces steps of one workload on fake tensors; the model is built once per checkpointing mode and
+    parameter layout.
 
     ``step`` traces forward + loss + backward at one shape; ``optimizer`` traces one AdamW step once
     (its memory does not depend on the batch).
@@ -169,17 +252,22 @@ class Tracer:
     def __init__(self, workload: Workload, *, cuda: bool = True):
         self.workload, self.cuda = workload, cuda
         self.mode = FakeTensorMode()
-        self._models: dict[str, nn.Module] = {}
+        self._models: dict[tuple[str, str | None], nn.Module] = {}
         self._optimizer: tuple[int, int] | None = None
 
-    def model(self, checkpointing: str) -> nn.Module:
-        if checkpointing not in self._models:
+    def model(self, checkpointing: str, bf16_as: str | None = None) -> nn.Module:
+        """The fake model with ``checkpointing`` applied, its parameters stored as ``bf16_as`` says
+        (autocast and fp32 share the fp32 model)."""
+        stored = bf16_as if bf16_as in ("parameters", "fsdp2") else None
+        key = (checkpointing, stored)
+        if key not in self._models:
             with self.mode:
                 model = self.workload.build_model()
                 model.train()
                 self.workload.apply_checkpointing(model, checkpointing)
-            self._models[checkpointing] = model
-        return self._models[checkpointing]
+                _as_engine_stores(model, stored)
+            self._models[key] = model
+        return self._models[key]
 
     def optimizer(self) -> tuple[int, int]:
         """(optimizer state bytes, optimizer-step scratch bytes above them) of one AdamW step."""
@@ -199,16 +287,20 @@ class Tracer:
         return self._optimizer
 
     def step(self, batch_size: int, length: int, *, precision: str = "fp32",
-             checkpointing: str = "none") -> StepTrace:
-        """Trace forward + loss + backward of ``batch_size`` × ``length`` samples."""
+             checkpointing: str = "none", bf16_as: str = "autocast") -> StepTrace:
+        """Trace forward + loss + backward of ``batch_size`` × ``length`` samples; under bf16 the model
+        meets it as ``bf16_as`` says (``BF16_AS``)."""
+        if precision == "bf16" and bf16_as not in BF16_AS:
+            raise ValueError(f"bf16_as must be one of {BF16_AS}, got {bf16_as!r}")
+        cast = bf16_as if precision == "bf16" else None
         start = time.perf_counter()
-        model = self.model(checkpointing)
+        model = self.model(checkpointing, cast)
         optimizer, optimizer_temp = self.optimizer()
         with self.mode, _cuda_block_rounding(self.cuda):
             batch = self.workload.make_batch(batch_size, length)
             tracker = _CurveTracker()
             tracker.track_external(model, *[v for v in batch.values() if isinstance(v, torch.Tensor)])
-            autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
+            autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cast == "autocast"
                         else contextlib.nullcontext())
             with tracker:
                 with autocast:
@@ -221,10 +313,166 @@ class Tracer:
         grads = int(final[_GRAD])
         return StepTrace(
             batch_size=batch_size, length=length, precision=precision, checkpointing=checkpointing,
-            params=int(final[_PARAM]), buffers=int(final[_BUFFER]), grads=grads,
+            bf16_as=cast, params=int(final[_PARAM]), buffers=int(final[_BUFFER]), grads=grads,
             optimizer=optimizer, optimizer_temp=optimizer_temp,
             activations=curve[:, 0], temporary=curve[:, 1],
             grad_fraction=curve[:, 2] / grads if grads else np.zeros(len(curve)),
             largest_alloc=tracker.largest_alloc, sdpa_workspace=4 * tracker.sdpa_query_elems,
             seconds=time.perf_counter() - start,
         )
+
+
+TraceKey = tuple[int, int, str, str, str | None]  # (micro-batch, length, precision, checkpointing, bf16_as)
+
+_POOL_TRACER: Tracer | None = None  # the tracer forked workers inherit
+
+
+def _trace(tracer: Tracer, key: TraceKey) -> StepTrace:
+    batch_size, length, precision, checkpointing, bf16_as = key
+    return tracer.step(batch_size, length, precision=precision, checkpointing=checkpointing,
+                       bf16_as=bf16_as or "autocast")
+
+
+def _trace_in_worker(key: TraceKey) -> StepTrace:
+    assert _POOL_TRACER is not None, "workers are forked after the pool sets its tracer"
+    return _trace(_POOL_TRACER, key)
+
+
+def _autograd_works() -> bool:
+    """Whether autograd runs in this process (it does not in a child forked after the parent ran a
+    backward pass: torch refuses autograd's threads across fork)."""
+    x = torch.ones(1, requires_grad=True)
+    try:
+        (2 * x).sum().backward()
+    except RuntimeError:
+        return False
+    return True
+
+
+def default_workers() -> int:
+    """Worker processes for tracing: the cores this process may use (1 = trace in-process)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# the code a trace runs, relative to the package root: a change to any of it invalidates cached traces
+_TRACED_SOURCES = ("models", "objectives", "plan/trace.py", "train/parallelize.py", "config.py")
+
+
+def _source_digest() -> str:
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(torch.__version__.encode())
+    for entry in _TRACED_SOURCES:
+        for path in sorted((root / entry).rglob("*.py")) if (root / entry).is_dir() else [root / entry]:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """``$DIST_AUDIO_PLAN_CACHE``, else ``$XDG_CACHE_HOME/dist_audio/plan`` (``~/.cache/dist_audio/plan``)."""
+    if os.environ.get("DIST_AUDIO_PLAN_CACHE"):
+        return Path(os.environ["DIST_AUDIO_PLAN_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dist_audio" / "plan"
+
+
+class TraceCache:
+    """Traces on disk, one pickle per (workload identity, key, CUDA terms, torch + traced source)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self._digest = _source_digest()
+
+    def _path(self, identity: str, key: TraceKey, cuda: bool) -> Path:
+        name = hashlib.sha256(repr((self._digest, identity, key, cuda)).encode()).hexdigest()
+        return self.directory / f"{name}.pkl"
+
+    def load(self, identity: str, key: TraceKey, cuda: bool) -> StepTrace | None:
+        try:
+            trace = pickle.loads(self._path(identity, key, cuda).read_bytes())
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError):
+            return None
+        return trace if isinstance(trace, StepTrace) else None
+
+    def save(self, identity: str, key: TraceKey, cuda: bool, trace: StepTrace) -> None:
+        path = self._path(identity, key, cuda)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_bytes(pickle.dumps(trace))
+            os.replace(partial, path)
+        except OSError:  # a read-only or full cache only costs the next run its time
+            pass
+
+
+class TracePool:
+    """Traces keyed steps of one ``Tracer``, memoised, in ``workers`` forked processes (in-process with 1).
+
+    The workers are forked from this process once the tracer has built its models and traced the
+    optimizer, so they start with everything (including fake-tensor caches) this process has; each
+    trace is independent of the others, so results do not depend on which worker ran it. Where a forked
+    child cannot run autograd (this process already ran a backward pass, e.g. inside a test session),
+    tracing stays in this process.
+    """
+
+    def __init__(self, tracer: Tracer, workers: int = 1, cache: TraceCache | None = None):
+        self.tracer, self.workers = tracer, workers
+        identity = tracer.workload.identity
+        self.cache = cache if identity is not None else None
+        self._futures: dict[TraceKey, Future] = {}
+        self._executor: ProcessPoolExecutor | None = None
+        self._stored: set[TraceKey] = set()  # in the cache already
+        self.from_cache = 0  # traces read from the cache rather than traced
+
+    def _cached(self, key: TraceKey) -> bool:
+        """Whether ``key`` is now known from the cache (then its result is ready)."""
+        if self.cache is None:
+            return False
+        trace = self.cache.load(self.tracer.workload.identity, key, self.tracer.cuda)  # type: ignore[arg-type]
+        if trace is None:
+            return False
+        future: Future = Future()
+        future.set_result(trace)
+        self._futures[key] = future
+        self._stored.add(key)
+        self.from_cache += 1
+        return True
+
+    def prefetch(self, keys: Iterable[TraceKey]) -> None:
+        """Start tracing ``keys`` not traced or tracing yet (in-process: traced when asked for)."""
+        global _POOL_TRACER
+        keys = [key for key in dict.fromkeys(keys) if key not in self._futures and not self._cached(key)]
+        if self.workers <= 1 or not keys:
+            return
+        if self._executor is None:
+            for _, _, precision, checkpointing, bf16_as in keys:  # built once here, inherited by the workers
+                self.tracer.model(checkpointing, bf16_as if precision == "bf16" else None)
+            self.tracer.optimizer()
+            _POOL_TRACER = self.tracer
+            self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
+            if not self._executor.submit(_autograd_works).result():
+                self.close()
+                self.workers = 1
+                return
+        for key in keys:
+            self._futures[key] = self._executor.submit(_trace_in_worker, key)
+
+    def get(self, key: TraceKey) -> StepTrace:
+        if key not in self._futures:
+            self.prefetch([key])
+        if key not in self._futures:  # in-process
+            future: Future = Future()
+            future.set_result(_trace(self.tracer, key))
+            self._futures[key] = future
+        trace = self._futures[key].result()
+        if self.cache is not None and key not in self._stored:
+            self._stored.add(key)
+            self.cache.save(self.tracer.workload.identity, key, self.tracer.cuda, trace)  # type: ignore[arg-type]
+        return trace
+
+    def __len__(self) -> int:
+        return len(self._futures)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(cancel_futures=True)
+            self._executor = None
+

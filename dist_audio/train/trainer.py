@@ -28,8 +28,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from dist_audio.config import ConfigError, RunConfig, read_manifest, save_config
+from dist_audio.config import ConfigError, RunConfig, save_config
 from dist_audio.data import make_loader
+from dist_audio.data.manifest import read_manifest
 from dist_audio.models import build_model
 from dist_audio.objectives import build_objective
 from dist_audio.train import parallelize
@@ -48,10 +49,11 @@ from dist_audio.train.durable import (
     quiet_disk_errors_in_threads,
     replace_atomically,
     write_atomic,
+    writer_error,
 )
 from dist_audio.train.optim import LRSchedule, make_optimizer
 from dist_audio.train.resume import BatchPlan, ResumeChange, batch_plan, checkpoint_global_batch
-from dist_audio.train.tracking import Tracking, peak_memory_gib
+from dist_audio.train.tracking import Tracking, make_trackers, peak_memory_gib
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ class StepResult:
     loss_scale_overflow: bool  # fp16 only: finite loss, gradients overflowed; the scaler lowers its scale
     samples: int  # all ranks
     skipped_samples: int  # corrupt samples the loaders skipped, all ranks
+    remote_retries: int = 0  # retried reads of a URL data source, all ranks
 
 
 @dataclass
@@ -131,13 +134,14 @@ class Trainer:
             self.resume_from(checkpoint)
         else:
             set_seed(cfg.train.seed, device_specific=True)  # distinct dropout/sampling streams per rank
-        self.sample_rate = int(read_manifest(cfg.data.shards)["sample_rate"])
+        self.sample_rate = int(read_manifest(cfg.data.shards, cfg.data.remote_timeout_s)["sample_rate"])
         self.consecutive_nonfinite = 0
+        self.remote_retries = 0  # this process's run so far (not checkpointed: a count of incidents)
         self.stop_signal: str | None = None
         self.stop_time = 0.0  # time.monotonic() of the stop signal
         self.write_failure: str | None = None  # a failed sample-log write, stops every rank at the step's end
         quiet_disk_errors_in_threads()  # TensorBoard's writer thread on a full disk: one line, no traceback
-        self.tracking = Tracking(accelerator, cfg.log, self.run_dir)
+        self.tracking = Tracking(accelerator, cfg)
 
     def resume_from(self, checkpoint: Path) -> None:
         """Restore model, optimizer, schedule, EMA, RNG and the data position from ``checkpoint``; the
@@ -186,6 +190,7 @@ class Trainer:
                 window.add(step, time.perf_counter() - start, data_time)
                 result.losses[state.step] = step.loss
                 state.skipped_samples += step.skipped_samples
+                self.remote_retries += step.remote_retries
                 state.samples_seen += step.samples
                 bar.update(1)
                 bar.set_postfix(loss=f"{step.loss:.4f}")
@@ -194,7 +199,9 @@ class Trainer:
                 else:
                     self.on_skipped_step(loaded, step)
                 if state.step % cfg.log.every == 0 or state.step == last_step:
-                    self.tracking.scalars(self.window_scalars(window), state.step)
+                    scalars = self.window_scalars(window)
+                    self.tracking.scalars(scalars, state.step)
+                    self.tracking.progress(state.step, scalars)
                     window = _Window()
                 if state.step % cfg.train.val_every == 0 or state.step == cfg.train.max_steps:
                     result.val_metrics = self.validate()
@@ -216,7 +223,7 @@ class Trainer:
             self.restore_signal_handlers(previous_handlers)
             batches.close()
             bar.close()
-            self.tracking.close()
+            self.tracking.flush()
         result.step = state.step
         return result
 
@@ -238,7 +245,8 @@ class Trainer:
             self.auto_fit.recover(loaded, message)
             self.state.micro_splits, self.state.oom_retries = self.auto_fit.splits, self.auto_fit.retries
         grad_norm = parallelize.clip_grad_norm(accelerator, self.model, self.cfg.optim.grad_clip or math.inf)
-        counts = torch.tensor([sum(batch_size(b) for b in loaded), sum(int(b["skipped"]) for b in loaded)],
+        counts = torch.tensor([sum(batch_size(b) for b in loaded), sum(int(b["skipped"]) for b in loaded),
+                               sum(int(b.get("remote_retries", 0)) for b in loaded)],
                               device=accelerator.device, dtype=torch.float64)
         counts = accelerator.reduce(counts, reduction="sum")
         names = sorted(metrics)
@@ -257,7 +265,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=values[0], metrics=dict(zip(names, values[1:])), grad_norm=grad_norm,
                           applied=applied, loss_scale_overflow=overflow, samples=int(counts[0]),
-                          skipped_samples=int(counts[1]))
+                          skipped_samples=int(counts[1]), remote_retries=int(counts[2]))
 
     def accumulate_gradients(self, loaded: list[Batch]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward/backward over every micro-batch of the step; returns the sample-weighted mean loss
@@ -404,7 +412,7 @@ class Trainer:
                    "perf/samples_per_s": window.samples / window.step_time,
                    "perf/audio_seconds_per_s": window.samples * seconds / window.step_time,
                    "perf/data_time_frac": window.data_time / window.step_time,
-                   "data/skipped_samples": state.skipped_samples,
+                   "data/skipped_samples": state.skipped_samples, "data/remote_retries": self.remote_retries,
                    "train/skipped_steps": state.skipped_steps, "mem/oom_retries": self.auto_fit.retries}
         scalars.update({f"train/{name}": window.mean(name) for name in window.metric_names})
         peaks = gather_object([peak_memory_gib(self.accelerator.device)])
@@ -565,9 +573,16 @@ def prepare_run_dir(accelerator: Accelerator, run_dir: Path, *, overwrite: bool)
     write_on_main_process(accelerator, run_dir, create)
 
 
-def end_training(accelerator: Accelerator) -> None:
-    """``accelerator.end_training()`` after ``Trainer.train``, which already closed the trackers: they are
-    not closed twice (one that hit a full disk would raise its error again)."""
+def end_training(accelerator: Accelerator, tracking: Tracking) -> None:
+    """``accelerator.end_training()`` with the trackers finished as optional writes: trackers whose disk
+    filled up (already reported once) are not finished again, which would raise that error again, and one
+    that fails only now warns instead of failing a finished run."""
+    if writer_error(tracking) is None:
+        try:
+            for tracker in accelerator.trackers:
+                tracker.finish()
+        except OSError as err:
+            logger.warning("logging stopped: %s; the run itself is complete", describe_error(err))
     accelerator.trackers.clear()
     accelerator.end_training()
 
@@ -575,7 +590,7 @@ def end_training(accelerator: Accelerator) -> None:
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     return parallelize.make_accelerator(cfg.train, parallelize.LaunchStrategy.from_environment(),
                                         cfg.data.batch_size, grad_clip=cfg.optim.grad_clip,
-                                        log_with=["tensorboard"] if cfg.log.tensorboard else None)
+                                        log_with=make_trackers(cfg.log, cfg.run_dir, cfg.train.name) or None)
 
 
 def run_training(cfg: RunConfig, *, resume: bool, overwrite: bool, changes: list[ResumeChange] | tuple = ()
@@ -589,8 +604,9 @@ def run_training(cfg: RunConfig, *, resume: bool, overwrite: bool, changes: list
     batch = batch_plan(cfg, int(os.environ.get("WORLD_SIZE", "1")), global_batch)
     accelerator = make_accelerator(batch.apply(cfg))
     prepare_run_dir(accelerator, cfg.run_dir, overwrite=overwrite)
-    result = Trainer(cfg, accelerator, resume=resume, batch=batch, changes=changes).train()
-    end_training(accelerator)
+    trainer = Trainer(cfg, accelerator, resume=resume, batch=batch, changes=changes)
+    result = trainer.train()
+    end_training(accelerator, trainer.tracking)
     return result
 
 
@@ -626,7 +642,7 @@ def run_test_mode(cfg: RunConfig) -> TrainResult:
     first = trainer.train(until_step=TEST_MODE_STEPS // 2)
     trainer.resume_from(first.checkpoint)
     second = trainer.train()
-    end_training(accelerator)
+    end_training(accelerator, trainer.tracking)
     losses = {**first.losses, **second.losses}
     if second.step != TEST_MODE_STEPS or not all(math.isfinite(v) for v in losses.values()):
         raise TrainingError(f"test mode failed: losses per step {losses}")

@@ -2,10 +2,9 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
-
-import numpy as np
 
 from dist_audio.data.quantize import dequantize, pcm16_table, quantize, zero_level
 

@@ -1,12 +1,16 @@
 """Run real training steps on CPU and measure their peak memory, to check the planner against.
 
 ``python tests/plan/_measure.py --cases CASES.json [--world 2] --out DIR``: for each case (config,
-overrides, micro-batch, length, checkpointing) two AdamW steps of the config's model, the second
-measured once the optimizer states exist; in one process, or in ``--world 2`` gloo processes with
-FSDP2 (``fully_shard`` on every block, then the root, as the trainer does). Writes
+overrides, micro-batch, length, checkpointing, precision) two AdamW steps of the config's model, the
+second measured once the optimizer states exist; in one process, or in ``--world 2`` gloo processes
+with FSDP2 sharded by the trainer's own ``shard_with_fsdp2`` (fp32 units for the model's
+``fp32_classes`` under bf16, every block, then the root, each with its ``MixedPrecisionPolicy``). Writes
 ``DIR/rank<r>.json``: per case ``tracker_peak`` (torch's MemTracker, FSDPMemTracker under FSDP2,
 over the second step, real tensors) and ``rss_delta`` (peak RSS over both steps above the RSS before
-the model was built; the peak is reset between cases through /proc/self/clear_refs). Run it with
+the model was built; the peak is reset between cases through /proc/self/clear_refs). Before that
+baseline each case runs one throwaway step at its shapes and dtypes, so memory a CPU library keeps once
+per process and kernel (oneDNN's primitives for a new shape or for bf16) is in the baseline, not
+counted as training memory. Run it with
 ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors go back to the OS and RSS follows live memory.
 """
 
@@ -23,13 +27,12 @@ import psutil
 import torch
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import MemTracker
-from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dist_audio.config import load_config
 from dist_audio.plan.planner import config_workload
-from dist_audio.train.parallelize import block_modules
+from dist_audio.train.parallelize import shard_with_fsdp2
 
 
 def peak_rss() -> int:
@@ -44,19 +47,32 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
 
 
+def build(workload, case: dict, world: int) -> torch.nn.Module:
+    """The case's model with its checkpointing and, on two processes, FSDP2 as the trainer shards it."""
+    model = workload.build_model()
+    workload.apply_checkpointing(model, case["checkpointing"])
+    precision = case.get("precision", "fp32")
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shard_with_fsdp2(model, init_device_mesh("cpu", (world,)),
+                         mixed_precision="bf16" if precision == "bf16" else "no")
+    elif precision != "fp32":
+        raise ValueError("one-process cases measure fp32 only")
+    return model
+
+
 def measure(case: dict, world: int) -> dict:
     """Two AdamW steps of one case; MemTracker peak of the second and the peak-RSS rise over both."""
-    torch.manual_seed(0)
     workload = config_workload(load_config(case["config"], case.get("set", [])))
+    warmup = build(workload, case, world)
+    workload.loss(warmup, workload.make_batch(case["batch"], case["length"])).backward()
+    del warmup
     gc.collect()
     baseline = psutil.Process().memory_info().rss
     reset_peak_rss()
-    model = workload.build_model()
-    workload.apply_checkpointing(model, case["checkpointing"])
-    if world > 1:
-        for block in block_modules(model):
-            fully_shard(block)
-        fully_shard(model)
+    torch.manual_seed(0)
+    model = build(workload, case, world)
     optimizer = torch.optim.AdamW(workload.param_groups(model), lr=1e-4, foreach=False)
     batch = workload.make_batch(case["batch"], case["length"])
 

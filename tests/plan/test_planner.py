@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _toy import Toy, toy_workload
@@ -205,5 +206,82 @@ def test_nothing_fits_says_so_and_searches_the_smallest_row():
     data = plan.as_dict()
     assert data["recommended"] is None and not any(r["fits"] for r in data["rows"])
     assert data["max_micro_batch"] == 0  # the CUDA runtime reserve alone exceeds 0.36 GiB
-    assert plan.searched_row.total == min(r.total for r in plan.rows)
+    assert plan.searched_row.total == min(r.total for r in plan.rows if r.precision == "fp32")  # the run's own
     assert "nothing fits" in format_text(plan)
+
+
+def test_bf16_is_traced_as_each_engine_stores_parameters():
+    """DeepSpeed casts every parameter; FSDP2 keeps the model's fp32_classes in fp32 (their own units)."""
+    from dist_audio.config import load_config
+    from dist_audio.plan import config_workload
+    from dist_audio.train.parallelize import fp32_modules
+
+    cfg = load_config(REPO / "configs/sashimi/debug.yaml", ["model.d_model=32", "model.n_layers=2"])
+    tracer = Tracer(config_workload(cfg), cuda=False)
+    kept = {id(p) for m in fp32_modules(tracer.model("none", "fsdp2")) for p in m.parameters()}
+    assert kept, "SaShiMi names its SSM kernels in fp32_classes"
+    for param in tracer.model("none", "fsdp2").parameters():
+        assert param.dtype == (torch.float32 if id(param) in kept else torch.bfloat16)
+    assert {p.dtype for p in tracer.model("none", "parameters").parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in tracer.model("none").parameters()} == {torch.float32}  # fp32 and autocast
+    traces = {how: tracer.step(1, 2048, precision="bf16", bf16_as=how) for how in ("autocast", "parameters", "fsdp2")}
+    fp32 = tracer.step(1, 2048)
+    for trace in traces.values():
+        assert trace.grads < fp32.grads or trace.bf16_as == "autocast"  # bf16 gradients under the engines
+        assert np.isfinite(trace.activations).all() and trace.activations.max() > 0
+    assert traces["parameters"].grads == fp32.grads // 2  # every gradient bf16
+
+
+def test_plan_keeps_the_runs_precision():
+    """The recommendation and the launch line keep train.mixed_precision; the line is a valid config."""
+    from dist_audio.config import load_config
+
+    for precision in ("no", "bf16"):
+        cfg = config_from_dict({"model": {"name": "sashimi"}, "train": {"mixed_precision": precision},
+                                "data": {"shards": "nowhere", "batch_size": 4, "segment_seconds": 0.125}})
+        plan = make_plan(cfg, gpus=1, gpu_memory=parse_memory("0.8GiB"), workload=toy_workload(), sample_rate=16000,
+                         workers=1)
+        assert plan.recommended is not None
+        assert plan.recommended.precision == ("fp32" if precision == "no" else "bf16")
+        assert plan.searched_row.precision == plan.recommended.precision
+        overrides = plan.launch.split("--set ")[1:]
+        assert f"train.mixed_precision={precision}" in [o.strip() for o in overrides]
+        load_config(REPO / "configs/sashimi/debug.yaml", [o.strip() for o in overrides])  # accepted as printed
+
+
+def test_parallel_traces_equal_in_process_traces(tmp_path):
+    """Forked tracing workers give the very numbers one process gives (fresh process: fork needs autograd
+    untouched in the parent)."""
+    script = f"""
+import json, sys
+sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests' / 'plan')!r}]
+from _toy import toy_workload
+from dist_audio.config import config_from_dict
+from dist_audio.plan import make_plan, parse_memory
+cfg = config_from_dict({{"model": {{"name": "sashimi"}}, "data": {{"shards": "x", "batch_size": 4,
+                        "segment_seconds": 0.125}}}})
+plans = [make_plan(cfg, gpus=2, gpu_memory=parse_memory("0.8GiB"), workload=toy_workload(), sample_rate=16000,
+                   workers=w).as_dict() for w in (2, 1)]
+for p in plans:
+    p.pop("planner_seconds"); p.pop("table_seconds")
+print(json.dumps(plans))
+"""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300)
+    parallel, serial = json.loads(out.stdout.strip().splitlines()[-1])
+    assert parallel == serial
+
+
+def test_trace_cache_returns_the_traced_step(tmp_path):
+    from dist_audio.plan.trace import TraceCache
+
+    cache = TraceCache(tmp_path)
+    trace = Tracer(toy_workload(), cuda=False).step(1, 64)
+    key = (1, 64, "fp32", "none", None)
+    assert cache.load("toy", key, False) is None
+    cache.save("toy", key, False, trace)
+    loaded = cache.load("toy", key, False)
+    assert loaded is not None and np.array_equal(loaded.activations, trace.activations)
+    assert loaded.grads == trace.grads
+    assert cache.load("toy", key, True) is None and cache.load("other", key, False) is None

@@ -93,7 +93,7 @@ def test_full_disk_while_training_stops_tensorboard_not_the_run(make_run, small_
         seen = []
         for line in child.stdout:
             seen.append(line)
-            if "TensorBoard logging stopped: [Errno 28] No space left on device" in line:
+            if "logging (trackers, progress.json) stopped: [Errno 28] No space left on device" in line:
                 break
         stopped_at = max(step for step, _ in run.losses())
         filler.unlink()

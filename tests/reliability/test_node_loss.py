@@ -10,7 +10,7 @@ import json
 import os
 
 import pytest
-from conftest import FAULTY_TRAIN
+from fault_runs import FAULTY_TRAIN
 
 from dist_audio.train.checkpoint import STATE_FILE, complete_checkpoints, verify_checkpoint
 

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import time
 
-from conftest import rank_pids
+from fault_runs import rank_pids
 from faulty_train import install
 
 from dist_audio.train.checkpoint import complete_checkpoints

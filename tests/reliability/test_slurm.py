@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import QUICK, REPO, SASHIMI_DEBUG, free_port, rank_pids
+from fault_runs import QUICK, REPO, SASHIMI_DEBUG, free_port, rank_pids
 
 from dist_audio.train.checkpoint import complete_checkpoints
 

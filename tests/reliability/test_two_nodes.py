@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FAULTY_TRAIN, REPO, free_port
+from fault_runs import FAULTY_TRAIN, REPO, free_port
 
 from dist_audio.train.checkpoint import complete_checkpoints
 
