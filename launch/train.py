@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from dist_audio.config import ConfigError, load_config
@@ -20,7 +21,7 @@ from dist_audio.train.auto_fit import AutoFitExhausted
 from dist_audio.train.checkpoint import CheckpointError, check_run_dir, latest_checkpoint
 from dist_audio.train.parallelize import StrategyError, check_precision_supported
 from dist_audio.train.resume import check_resume
-from dist_audio.train.trainer import TrainingError, run_test_mode, run_training
+from dist_audio.train.trainer import STOP_SIGNALS, TrainingError, run_test_mode, run_training
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,5 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_process(code: int) -> None:
+    """Exit with ``code``, ignoring stop signals from here on: a late repeat of the one that stopped the
+    run (sent directly and by the launcher) must not kill the process in the interpreter's teardown,
+    where the trainer's handlers are gone. SIGKILL still ends it."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -1,7 +1,13 @@
-"""Shared fixtures: a synthetic demo corpus and small shard directories built from it (once per session)."""
+"""Shared fixtures: a synthetic demo corpus and small shard directories built from it (once per session), and
+a real small filesystem to fill up (`small_disk`)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -41,3 +47,39 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@dataclass
+class SmallDisk:
+    """A real 8 MB filesystem (tmpfs) mounted at ``path``, for faults that a full disk causes."""
+
+    path: Path
+
+    def fill(self, leave: int) -> Path:
+        """Fill it with one file until the filesystem refuses more, then give back ``leave`` bytes;
+        returns the file (delete it to free the space)."""
+        filler = self.path / "filler"
+        with open(filler, "wb", buffering=0) as out:
+            try:
+                while True:
+                    out.write(b"\0" * (1 << 16))
+            except OSError:
+                pass
+        os.truncate(filler, max(0, filler.stat().st_size - leave))
+        return filler
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    """An 8 MB tmpfs at ``tmp_path/disk``, unmounted after the test; skipped where this process may not
+    mount one (not root, no CAP_SYS_ADMIN, not Linux)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True,
+                             text=True) if shutil.which("mount") else None
+    if mounted is None or mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() if mounted else 'no mount command'}")
+    try:
+        yield SmallDisk(disk)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -113,7 +113,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint that passes its integrity check, as ``--resume auto`` picks it; a
     newer one that fails it is skipped with a warning."""
     for checkpoint in reversed(complete_checkpoints(run_dir)):
-        if _verified(str(checkpoint), (checkpoint / STATE_FILE).stat().st_mtime_ns):
+        stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(checkpoint.rglob("*")))
+        if _verified(str(checkpoint), stamp):
             return checkpoint
     return None
 
@@ -139,8 +140,9 @@ def verify_checkpoint(path: Path) -> str | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _verified(path: str, stamp: int) -> bool:
-    """``verify_checkpoint`` once per checkpoint and process (``stamp``: its state file's mtime)."""
+def _verified(path: str, stamp: tuple) -> bool:
+    """``verify_checkpoint`` once per checkpoint and process, again when any of its files changed
+    (``stamp``: every file's path, size and mtime)."""
     problem = verify_checkpoint(Path(path))
     if problem:
         logger.warning("skipping checkpoint %s: %s; using the one before it", path, problem)
@@ -161,12 +163,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, cfg: RunConfig, sta
     final = root / f"step-{state.step}"
     tmp = root / f".tmp-step-{state.step}"
     rank = accelerator.process_index
-    token = None
-    if accelerator.is_main_process:
-        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
-        error = _attempt(root, _prepare, root, tmp, token)
-    else:
-        error = None
+    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}" if accelerator.is_main_process else None
+    error = _attempt(root, _prepare, root, tmp, token) if token else None
     errors, tokens = agree_on_errors(accelerator, error, token)
     _raise_if_failed(accelerator, errors, final, tmp)
     _raise_if_failed(accelerator, agree_on_errors(accelerator, _check_shared(tmp, tokens[0]))[0], final, tmp,

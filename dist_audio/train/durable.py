@@ -148,7 +148,7 @@ def optional_writer(what: str) -> Callable[[F], F]:
     def decorate(method: F) -> F:
         @functools.wraps(method)
         def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if getattr(self, "_write_error", None):
+            if writer_error(self):
                 return None
             try:
                 return method(self, *args, **kwargs)
@@ -160,6 +160,11 @@ def optional_writer(what: str) -> Callable[[F], F]:
         return guarded  # type: ignore[return-value]
 
     return decorate
+
+
+def writer_error(writer: Any) -> str | None:
+    """Why the ``optional_writer`` methods of ``writer`` stopped writing, or ``None`` while they write."""
+    return getattr(writer, "_write_error", None)
 
 
 def quiet_disk_errors_in_threads() -> None:

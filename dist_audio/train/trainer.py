@@ -49,6 +49,7 @@ from dist_audio.train.durable import (
     quiet_disk_errors_in_threads,
     replace_atomically,
     write_atomic,
+    writer_error,
 )
 from dist_audio.train.optim import LRSchedule, make_optimizer
 from dist_audio.train.resume import BatchPlan, ResumeChange, batch_plan, checkpoint_global_batch
@@ -152,7 +153,7 @@ class Trainer:
             kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.state.step]
             write_atomic(log, "".join(line + "\n" for line in kept))
 
-        self.on_main_process(forget_later_steps, log, when=log.is_file())
+        write_on_main_process(self.accelerator, log, forget_later_steps, when=log.is_file())
         self.schedule.load_state_dict(self.state.schedule)
         parallelize.load_loss_scale_state(self.accelerator, self.model, self.state.loss_scale)
         self.auto_fit.splits, self.auto_fit.retries = self.state.micro_splits, self.state.oom_retries
@@ -167,9 +168,9 @@ class Trainer:
         checkpointing on schedule; a SIGTERM/SIGINT ends the run cleanly after the current step."""
         cfg, accelerator, state = self.cfg, self.accelerator, self.state
         last_step = min(cfg.train.max_steps, until_step or cfg.train.max_steps)
-        self.on_main_process(lambda: replace_atomically(self.run_dir / "config.yaml",
-                                                        functools.partial(save_config, self.config)),
-                             self.run_dir / "config.yaml")
+        config = self.run_dir / "config.yaml"
+        write_on_main_process(accelerator, config, lambda: replace_atomically(
+            config, functools.partial(save_config, self.config)))
         self.log_startup()
         result = TrainResult(step=state.step)
         window = _Window()
@@ -431,20 +432,6 @@ class Trainer:
             except OSError as err:  # every rank stops at this step's end (stop_requested)
                 self.write_failure = f"could not append step {self.state.step} to {path}: {describe_error(err)}"
 
-    def on_main_process(self, write: Any, path: Path, *, when: bool = True) -> None:
-        """Run ``write`` (of ``path``) on the main process; if it fails, every rank raises ``TrainingError``
-        naming the file and the cause (one collective, so no rank waits for a failed one)."""
-        error = None
-        if self.accelerator.is_main_process and when:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                write()
-            except WRITE_ERRORS as err:
-                error = describe_error(err)
-        errors, _ = agree_on_errors(self.accelerator, error)
-        if errors:
-            raise TrainingError(f"could not write {path}: {errors[0]}")
-
     def strategy_name(self) -> str:
         """E.g. ``DEEPSPEED ZeRO-3 x 2``: what a checkpoint records it was written under."""
         info = self.strategy
@@ -510,6 +497,8 @@ class RepeatedSignalGuard:
     of the one that stopped training), then hands it to ``previous`` (the default: the process dies)."""
 
     def __init__(self, previous: Any, since: float):
+        if isinstance(previous, RepeatedSignalGuard):  # left by an earlier run in this process
+            previous = previous.previous
         self.previous, self.since = previous, since
 
     def __call__(self, signum: int, frame: Any) -> None:
@@ -557,13 +546,45 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 # ----------------------------------------------------------------------------------------------------
 
 
+def write_on_main_process(accelerator: Accelerator, path: Path, write: Any, *, when: bool = True) -> None:
+    """Run ``write`` (which writes ``path``) on the main process, its parent directory created first; if
+    that fails (a full or read-only disk), every rank raises ``TrainingError`` naming ``path`` and the
+    cause: one collective, so no rank waits in a later one for the main process."""
+    error = None
+    if accelerator.is_main_process and when:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write()
+        except WRITE_ERRORS as err:
+            error = describe_error(err, path.parent)
+    errors, _ = agree_on_errors(accelerator, error)
+    if errors:
+        raise TrainingError(f"could not write {path}: {errors[0]}")
+
+
 def prepare_run_dir(accelerator: Accelerator, run_dir: Path, *, overwrite: bool) -> None:
     """Create the run directory; with ``overwrite`` the main process first empties an existing one."""
-    if accelerator.is_main_process:
+
+    def create() -> None:
         if overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+        run_dir.mkdir(exist_ok=True)
+
+    write_on_main_process(accelerator, run_dir, create)
+
+
+def end_training(accelerator: Accelerator, tracking: Tracking) -> None:
+    """``accelerator.end_training()`` with the trackers finished as optional writes: trackers whose disk
+    filled up (already reported once) are not finished again, which would raise that error again, and one
+    that fails only now warns instead of failing a finished run."""
+    if writer_error(tracking) is None:
+        try:
+            for tracker in accelerator.trackers:
+                tracker.finish()
+        except OSError as err:
+            logger.warning("logging stopped: %s; the run itself is complete", describe_error(err))
+    accelerator.trackers.clear()
+    accelerator.end_training()
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
@@ -583,11 +604,9 @@ def run_training(cfg: RunConfig, *, resume: bool, overwrite: bool, changes: list
     batch = batch_plan(cfg, int(os.environ.get("WORLD_SIZE", "1")), global_batch)
     accelerator = make_accelerator(batch.apply(cfg))
     prepare_run_dir(accelerator, cfg.run_dir, overwrite=overwrite)
-    result = Trainer(cfg, accelerator, resume=resume, batch=batch, changes=changes).train()
-    if result.stopped_by:  # the process exits now: a late repeat must not kill it in the interpreter's
-        for sig in STOP_SIGNALS:  # teardown, where Python handlers are gone (SIGKILL still works)
-            signal.signal(sig, signal.SIG_IGN)
-    accelerator.end_training()
+    trainer = Trainer(cfg, accelerator, resume=resume, batch=batch, changes=changes)
+    result = trainer.train()
+    end_training(accelerator, trainer.tracking)
     return result
 
 
@@ -623,7 +642,7 @@ def run_test_mode(cfg: RunConfig) -> TrainResult:
     first = trainer.train(until_step=TEST_MODE_STEPS // 2)
     trainer.resume_from(first.checkpoint)
     second = trainer.train()
-    accelerator.end_training()
+    end_training(accelerator, trainer.tracking)
     losses = {**first.losses, **second.losses}
     if second.step != TEST_MODE_STEPS or not all(math.isfinite(v) for v in losses.values()):
         raise TrainingError(f"test mode failed: losses per step {losses}")

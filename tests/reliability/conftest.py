@@ -1,9 +1,8 @@
-"""Fixtures for the fault-injection tests (the shared helpers are in ``fault_runs``)."""
+"""Fixtures for the fault-injection tests (the shared helpers are in ``fault_runs``; ``small_disk``, a real
+tmpfs, is in ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,18 +21,3 @@ def make_run(tmp_path, speech_shards):
 
     return make
 
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 8 MB filesystem (tmpfs) at ``tmp_path/disk``, unmounted after the test; skipped where this
-    process may not mount one (not root, no CAP_SYS_ADMIN, not Linux)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True,
-                             text=True) if shutil.which("mount") else None
-    if mounted is None or mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() if mounted else 'no mount command'}")
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -102,16 +102,3 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
-
-def fill(disk: Path, leave: int) -> Path:
-    """Fill the filesystem of ``disk`` with one file until it is full, then give back ``leave`` bytes;
-    returns the file (delete it to free the space)."""
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as out:
-        try:
-            while True:
-                out.write(b"\0" * (1 << 16))
-        except OSError:
-            pass
-    os.truncate(filler, max(0, filler.stat().st_size - leave))
-    return filler

@@ -108,4 +108,4 @@ if __name__ == "__main__":
     install(os.environ.get("DIST_AUDIO_FAULT"), os.environ.get("DIST_AUDIO_STEP_LOG"))
     code = train.main(sys.argv[1:])
     record_exit(os.environ.get("DIST_AUDIO_STEP_LOG"), code)
-    sys.exit(code)
+    train.exit_process(code)

@@ -1,10 +1,15 @@
 """A checkpoint or export carrying a malicious pickle is refused by ``dist_audio.inference.load_model`` and
-by ``--resume auto``, and the payload never runs: everything is read with ``torch.load(weights_only=True)``
-or safetensors. (DeepSpeed ZeRO and FSDP2 checkpoints are read by those libraries' own loaders, which
-unpickle: see docs/reliability.md.)"""
+by ``--resume auto``, and the payload never runs: everything is read with ``torch.load(weights_only=True)``,
+DCP metadata with an unpickler that knows only DCP's classes, exports with safetensors.
+
+A file replaced after the checkpoint was written no longer matches the SHA-256 in ``trainer_state.json``,
+so ``--resume auto`` skips the checkpoint without opening it; the tests below also forge that record (as
+someone who controls the files can) to reach the loaders' own refusal."""
 
 from __future__ import annotations
 
+import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -13,7 +18,7 @@ import torch
 import yaml
 
 from dist_audio.inference import load_model
-from dist_audio.train.checkpoint import latest_checkpoint
+from dist_audio.train.checkpoint import FILES_KEY, STATE_FILE, latest_checkpoint
 from launch import train as launch_train
 
 
@@ -39,19 +44,25 @@ def trained(tmp_path_factory, speech_shards):
     return root / "good", args
 
 
-def poisoned_copy(run_dir: Path, tmp_path: Path, member: str) -> tuple[Path, Path]:
-    """A copy of the run whose checkpoint file ``member`` is replaced by a pickle that creates a file."""
+def poisoned_copy(run_dir: Path, tmp_path: Path, member: str, *, forge_record: bool = True) -> tuple[Path, Path]:
+    """A copy of the run whose checkpoint file ``member`` is replaced by a pickle that creates a file;
+    ``forge_record``: its size and hash in ``trainer_state.json`` are updated to match."""
     copy = Path(shutil.copytree(run_dir, tmp_path / "poisoned"))
     marker = tmp_path / "payload-ran"
-    torch.save({"state": Payload(marker)}, latest_checkpoint(copy) / member)
+    checkpoint = latest_checkpoint(copy)
+    (checkpoint / member).write_bytes(pickle.dumps({"state": Payload(marker)}))
+    if forge_record:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        state[FILES_KEY].pop(member, None)  # an unrecorded file is not checked
+        (checkpoint / STATE_FILE).write_text(json.dumps(state))
     return copy, marker
 
 
 def test_load_model_refuses_a_pickled_payload(trained, tmp_path):
     run_dir, _ = trained
-    poisoned, marker = poisoned_copy(run_dir, tmp_path, "ema/rank0.pt")
+    poisoned, marker = poisoned_copy(run_dir, tmp_path, "state/.metadata")
     for target in (poisoned, latest_checkpoint(poisoned)):  # a run directory and a checkpoint directory
-        with pytest.raises(Exception, match=r"[Ww]eights only load failed"):
+        with pytest.raises(Exception, match=r"checkpoint metadata refers to"):
             load_model(target)
     assert not marker.exists()
 
@@ -69,7 +80,17 @@ def test_an_export_is_safetensors_only(trained, tmp_path):
     assert not marker.exists() and yaml.safe_load((export / "config.yaml").read_text())["model"]["name"] == "sashimi"
 
 
-@pytest.mark.parametrize("member", ["optimizer.bin", "rng/rank0.pt", "ema/rank0.pt"])
+def test_resume_skips_a_replaced_file_without_opening_it(trained, tmp_path, caplog):
+    run_dir, args = trained
+    poisoned, marker = poisoned_copy(run_dir, tmp_path, "rng/rank0.pt", forge_record=False)
+    resume = [*args, "--set", f"train.runs_dir={poisoned.parent}", "--set", f"train.name={poisoned.name}",
+              "--set", "train.max_steps=3", "--resume", "auto"]
+    assert launch_train.main(resume) == 0  # no earlier checkpoint: a fresh start, step-2 rewritten
+    assert "skipping checkpoint" in caplog.text and "rng/rank0.pt has" in caplog.text
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("member", ["rng/rank0.pt", "state/.metadata"])
 def test_resume_refuses_a_pickled_payload(trained, tmp_path, member, capsys):
     run_dir, args = trained
     poisoned, marker = poisoned_copy(run_dir, tmp_path, member)
@@ -81,9 +102,9 @@ def test_resume_refuses_a_pickled_payload(trained, tmp_path, member, capsys):
     assert not marker.exists()
 
 
-def test_accelerates_own_rng_pickle_is_never_unpickled(trained, tmp_path):
-    """Accelerate also writes ``random_states_0.pkl`` and reads it with weights_only=True, skipping it when
-    that fails; the trainer's own ``rng/rank<r>.pt`` restores the random state either way."""
+def test_a_stray_pickle_in_a_checkpoint_is_never_unpickled(trained, tmp_path):
+    """A pickle planted beside the checkpoint's own files (Accelerate's ``random_states_0.pkl`` of older
+    layouts) is not part of the checkpoint and is never read."""
     run_dir, args = trained
     poisoned, marker = poisoned_copy(run_dir, tmp_path, "random_states_0.pkl")
     resume = [*args, "--set", f"train.runs_dir={poisoned.parent}", "--set", f"train.name={poisoned.name}",
