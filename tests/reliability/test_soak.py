@@ -1,6 +1,7 @@
 """The soak (``bench/soak.py``) for a couple of minutes, with enough steps that even an idle machine sees
-several kills: random SIGKILLs of either DDP rank, automatic ``--resume auto``, and at the end the step count, AdamW's own counter and the per-step losses prove that
-no step was lost or applied twice. The 30-minute run is recorded in bench/results/soak.md."""
+several kills: random SIGKILLs of either DDP rank, automatic ``--resume auto``, and at the end the step
+count, AdamW's own counter and the per-step losses prove that no step was lost or applied twice. The
+30-minute run is recorded in bench/results/soak.md."""
 
 from __future__ import annotations
 
