@@ -23,6 +23,7 @@ loading a checkpoint never runs code from it.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import io
@@ -45,7 +46,7 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 STEP_KEY = "optim/step"
 
 
-class StateHolder:
+class StateHolder(abc.ABC):
     """How one strategy exposes its training state in the portable layout (subclassed in ``parallelize``).
 
     ``parameter_entries()`` gives the ``model/`` and ``optim/`` entries (a collective under ZeRO); the
@@ -57,18 +58,23 @@ class StateHolder:
     def __init__(self, model: nn.Module, ema: Any | None):
         self.model, self.ema = model, ema
 
+    @abc.abstractmethod
     def parameter_entries(self) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """The ``model/`` and ``optim/`` entries of this rank."""
 
+    @abc.abstractmethod
     def load_parameter_entries(self, entries: dict[str, Tensor]) -> None:
-        raise NotImplementedError
+        """Take back what ``parameter_entries`` gave, after DCP loaded into it."""
 
+    @abc.abstractmethod
     def optimizer_steps(self) -> int:
-        raise NotImplementedError
+        """The optimizer's own step counter."""
 
+    @abc.abstractmethod
     def set_optimizer_steps(self, steps: int) -> None:
-        raise NotImplementedError
+        """Set that counter on every parameter's state."""
 
+    @abc.abstractmethod
     def prepare_load(self) -> None:
         """Create whatever the optimizer builds lazily, so every entry has a tensor to load into."""
 
