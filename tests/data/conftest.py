@@ -9,7 +9,11 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
+
+from data_prep.shard import shard_dataset
 
 
 class RangeServer:
@@ -132,3 +136,15 @@ def s3_bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + "-b"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture
+def long_chunk_shards(tmp_path: Path) -> tuple[Path, Path]:
+    """(source WAV, shard directory): 60 s of 16 kHz noise stored as one 60 s chunk, for tests that crop
+    1 s out of it and count what was read."""
+    src = tmp_path / "src"
+    src.mkdir()
+    wav = src / "long.wav"
+    sf.write(wav, 0.1 * np.random.default_rng(0).standard_normal(16000 * 60), 16000, subtype="PCM_16")
+    shard_dataset(src, tmp_path / "out", chunk_seconds=60.0, valid_fraction=0.0, progress=False)
+    return wav, tmp_path / "out"

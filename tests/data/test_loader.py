@@ -14,7 +14,6 @@ import pytest
 import soundfile as sf
 import torch
 
-from data_prep.shard import shard_dataset
 from dist_audio.config import ConfigError, DataConfig
 from dist_audio.data import make_loader, quantize, valid_crop_starts, zero_level
 from dist_audio.data import shards as shards_module
@@ -253,14 +252,10 @@ def test_without_remix_stems_and_mixture_come_from_one_chunk(musdb_shards):
     np.testing.assert_array_equal(batch["mixture"][0].numpy(), mixture)
 
 
-def test_a_crop_reads_only_its_own_bytes(tmp_path, monkeypatch):
+def test_a_crop_reads_only_its_own_bytes(long_chunk_shards, monkeypatch):
     """Cropping 1 s out of a 60 s chunk seeks: far fewer bytes than the member are read from the shard file."""
-    src = tmp_path / "src"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    sf.write(src / "long.wav", 0.1 * rng.standard_normal(16000 * 60), 16000, subtype="PCM_16")
-    shard_dataset(src, tmp_path / "out", chunk_seconds=60.0, valid_fraction=0.0, progress=False)
-    ref = next(r for r in shards_module.iter_shard(str(tmp_path / "out" / "train-000000.tar")))
+    wav, shards = long_chunk_shards
+    ref = next(r for r in shards_module.iter_shard(str(shards / "train-000000.tar")))
     read_bytes = []
 
     class CountingFile(io.FileIO):
@@ -272,7 +267,7 @@ def test_a_crop_reads_only_its_own_bytes(tmp_path, monkeypatch):
     monkeypatch.setattr(shards_module, "open", CountingFile, raising=False)  # read_crop's open()
     crop = shards_module.read_crop(ref, "audio", 16000 * 40, 16000)
     assert 0 < sum(read_bytes) < 0.2 * ref.members["audio"][1]
-    full, _ = sf.read(src / "long.wav", dtype="float32")
+    full, _ = sf.read(wav, dtype="float32")
     np.testing.assert_array_equal(crop[0], full[16000 * 40 : 16000 * 41])
 
 

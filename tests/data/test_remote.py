@@ -125,14 +125,10 @@ def test_an_interrupted_upload_never_looks_complete_and_a_rerun_finishes_it(tmp_
     assert len([n for n in store.list() if n.endswith(".tar")]) > len(uploaded)
 
 
-def test_a_crop_over_http_fetches_only_its_own_bytes(tmp_path, range_server):
+def test_a_crop_over_http_fetches_only_its_own_bytes(long_chunk_shards, range_server):
     """1 s out of a 60 s chunk: a small fraction of the member crosses the wire, and the samples are exact."""
-    src = tmp_path / "src"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    sf.write(src / "long.wav", 0.1 * rng.standard_normal(16000 * 60), 16000, subtype="PCM_16")
-    shard_dataset(src, tmp_path / "out", chunk_seconds=60.0, valid_fraction=0.0, progress=False)
-    server = range_server(tmp_path / "out")
+    wav, shards = long_chunk_shards
+    server = range_server(shards)
     source = ShardSource(Store(server.url))
     path = f"{server.url}/train-000000.tar"
     ref = next(iter(iter_shard(path, 1, source)))
@@ -141,7 +137,7 @@ def test_a_crop_over_http_fetches_only_its_own_bytes(tmp_path, range_server):
     with ShardReader(source=source) as reader:
         crop = reader.read_crop(ref, "audio", 16000 * 40, 16000)
     assert 0 < server.bytes_sent - indexing < 0.2 * ref.members["audio"][1]
-    full, _ = sf.read(src / "long.wav", dtype="float32")
+    full, _ = sf.read(wav, dtype="float32")
     np.testing.assert_array_equal(crop[0], full[16000 * 40 : 16000 * 41])
 
 
