@@ -87,12 +87,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def exit_process(code: int) -> None:
-    """Exit with ``code``, ignoring stop signals from here on: a late repeat of the one that stopped the
-    run (sent directly and by the launcher) must not kill the process in the interpreter's teardown,
-    where the trainer's handlers are gone. SIGKILL still ends it."""
+    """Exit with ``code`` once everything is written, skipping the interpreter's teardown.
+
+    Two things go wrong in that teardown, both seen on CI: a late repeat of the stop signal (sent directly
+    and by the launcher) kills the process after the trainer's handlers are gone, so stop signals are
+    ignored from here on (SIGKILL still ends it); and a gloo worker thread that still holds a finished
+    collective frees its tensors while the interpreter finalizes, which needs the GIL and aborts the
+    process (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#179291). Every
+    file the run writes is closed or fsynced before ``main`` returns, so only the standard streams and
+    logging are left to flush."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
