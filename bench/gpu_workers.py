@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dist_audio.config import load_config  # noqa: E402
+from dist_audio.train.parallelize import exit_without_teardown  # noqa: E402
 
 GIB = 2**30
 
@@ -282,3 +283,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_without_teardown(0)  # no interpreter teardown after the collectives (see its docstring)

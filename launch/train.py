@@ -19,7 +19,7 @@ from dist_audio.data import CorruptDataError
 from dist_audio.storage import SourceUnavailable
 from dist_audio.train.auto_fit import AutoFitExhausted
 from dist_audio.train.checkpoint import CheckpointError, check_run_dir, latest_checkpoint
-from dist_audio.train.parallelize import StrategyError, check_precision_supported
+from dist_audio.train.parallelize import StrategyError, check_precision_supported, exit_without_teardown
 from dist_audio.train.resume import check_resume
 from dist_audio.train.trainer import STOP_SIGNALS, TrainingError, run_test_mode, run_training
 
@@ -87,21 +87,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def exit_process(code: int) -> None:
-    """Exit with ``code`` once everything is written, skipping the interpreter's teardown.
-
-    Two things go wrong in that teardown, both seen on CI: a late repeat of the stop signal (sent directly
-    and by the launcher) kills the process after the trainer's handlers are gone, so stop signals are
-    ignored from here on (SIGKILL still ends it); and a gloo worker thread that still holds a finished
-    collective frees its tensors while the interpreter finalizes, which needs the GIL and aborts the
-    process (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#179291). Every
-    file the run writes is closed or fsynced before ``main`` returns, so only the standard streams and
-    logging are left to flush."""
+    """Exit with ``code``, ignoring stop signals from here on: a late repeat of the one that stopped the
+    run (sent directly and by the launcher) must not kill the process after the trainer's handlers are
+    gone (SIGKILL still ends it). No interpreter teardown follows (``exit_without_teardown``)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_without_teardown(code)
 
 
 if __name__ == "__main__":

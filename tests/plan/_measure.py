@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dist_audio.config import load_config
 from dist_audio.plan.planner import config_workload
-from dist_audio.train.parallelize import shard_with_fsdp2
+from dist_audio.train.parallelize import exit_without_teardown, shard_with_fsdp2
 
 
 def peak_rss() -> int:
@@ -103,6 +103,7 @@ def run_rank(rank: int, cases: list[dict], world: int, out: str) -> None:
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(results))
     if world > 1:
         torch.distributed.destroy_process_group()
+        exit_without_teardown(0)  # a gloo thread finishing a collective must not abort a finished rank
 
 
 def main() -> None:

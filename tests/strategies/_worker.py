@@ -32,6 +32,7 @@ from dist_audio.train.ema import ShardedEMA
 from dist_audio.train.parallelize import (
     LaunchStrategy,
     clip_grad_norm,
+    exit_without_teardown,
     make_accelerator,
     setup_model_and_optimizer,
     state_holder,
@@ -121,3 +122,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_without_teardown(0)  # a gloo thread finishing a collective must not abort a finished rank
