@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dist_audio.config import load_config  # noqa: E402
-from dist_audio.train.parallelize import exit_without_teardown  # noqa: E402
+from dist_audio.process_exit import exit_without_teardown  # noqa: E402
 
 GIB = 2**30
 

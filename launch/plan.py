@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # fake tensors do no arithmetic; 
 from dist_audio.config import ConfigError, load_config
 from dist_audio.plan import check_inputs, format_json, format_text, make_plan, parse_memory, plot
 from dist_audio.plan.trace import default_cache_dir
+from dist_audio.process_exit import exit_without_teardown
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -72,4 +73,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())  # freeing the traced models would cost a second

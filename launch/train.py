@@ -16,10 +16,11 @@ import sys
 
 from dist_audio.config import ConfigError, load_config
 from dist_audio.data import CorruptDataError
+from dist_audio.process_exit import exit_without_teardown
 from dist_audio.storage import SourceUnavailable
 from dist_audio.train.auto_fit import AutoFitExhausted
 from dist_audio.train.checkpoint import CheckpointError, check_run_dir, latest_checkpoint
-from dist_audio.train.parallelize import StrategyError, check_precision_supported, exit_without_teardown
+from dist_audio.train.parallelize import StrategyError, check_precision_supported
 from dist_audio.train.resume import check_resume
 from dist_audio.train.trainer import STOP_SIGNALS, TrainingError, run_test_mode, run_training
 

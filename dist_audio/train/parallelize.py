@@ -22,15 +22,13 @@ for state that lives on the CPU (offloaded shards, EMA): the same call works ove
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -77,21 +75,6 @@ class StrategyError(RuntimeError):
 # --------------------------------------------------------------------------------------------------
 # activation checkpointing
 # --------------------------------------------------------------------------------------------------
-
-
-def exit_without_teardown(code: int) -> NoReturn:
-    """Leave a process of a distributed run with ``code`` once its work is written, skipping the
-    interpreter's teardown.
-
-    A gloo worker thread can still hold a finished collective when the main thread finishes; freeing
-    its tensors needs the GIL, and taking the GIL while the interpreter finalizes aborts the process
-    (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#179291), which makes the
-    launcher report a finished run as failed. Callers close or fsync their files first; only logging and
-    the standard streams are flushed here."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def block_modules(model: nn.Module) -> list[nn.Module]:

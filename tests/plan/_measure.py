@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dist_audio.config import load_config
 from dist_audio.plan.planner import config_workload
-from dist_audio.train.parallelize import exit_without_teardown, shard_with_fsdp2
+from dist_audio.process_exit import exit_without_teardown
+from dist_audio.train.parallelize import shard_with_fsdp2
 
 
 def peak_rss() -> int:

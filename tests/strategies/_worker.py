@@ -27,12 +27,12 @@ from torch import nn
 from dist_audio.config import load_config
 from dist_audio.models import build_model
 from dist_audio.objectives import build_objective
+from dist_audio.process_exit import exit_without_teardown
 from dist_audio.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from dist_audio.train.ema import ShardedEMA
 from dist_audio.train.parallelize import (
     LaunchStrategy,
     clip_grad_norm,
-    exit_without_teardown,
     make_accelerator,
     setup_model_and_optimizer,
     state_holder,
