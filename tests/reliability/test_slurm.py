@@ -68,10 +68,10 @@ def test_sbatch_passes_the_early_signal_once_and_every_rank_checkpoints(tmp_path
             time.sleep(0.2)
         ranks = rank_pids(job.pid)
         assert len(ranks) == 2, ranks
-        job.send_signal(signal.SIGTERM)  # --signal=B:TERM: Slurm signals the batch script
+        os.kill(ranks[0], signal.SIGTERM)  # one rank directly, as scancel would
+        job.send_signal(signal.SIGTERM)  # --signal=B:TERM: Slurm signals the batch script (that rank again)
         time.sleep(0.3)
-        job.send_signal(signal.SIGTERM)  # again: dropped by the script
-        os.kill(ranks[0], signal.SIGTERM)  # and one rank directly, as scancel would
+        job.send_signal(signal.SIGTERM)  # again: dropped by the script (a no-op once the job has ended)
         job.wait(timeout=180)
     finally:
         if job.poll() is None:
