@@ -46,7 +46,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses import fake_impls
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, in_kernel_invocation_manager
 from torch.distributed._tools import mem_tracker
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._pytree import tree_map_only
@@ -202,6 +203,33 @@ def _cuda_block_rounding(enabled: bool):
         mem_tracker._WeakRefInfo._calculate_mem_consumed = original
 
 
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+
+
+def _view_by_meta_kernel(fake_mode: FakeTensorMode, func: Any, tensor: FakeTensor, size: list[int]) -> FakeTensor:
+    """A view of a fake tensor computed by ATen's C++ meta kernel: same sizes, strides and storage."""
+    with in_kernel_invocation_manager(fake_mode):
+        view = func(tensor, size)
+    return fake_mode.fake_tensor_converter.from_meta_and_device(fake_mode, view, tensor.fake_device)
+
+
+@contextlib.contextmanager
+def _views_by_meta_kernel():
+    """Answer ``view`` / ``_unsafe_view`` of fake tensors with the meta kernel while tracing.
+
+    FakeTensorMode computes them in Python (``torch._refs._reshape_view_helper``: a split or collapse
+    per dimension, each a nested ``as_strided`` dispatch), which is built for symbolic shapes; a
+    ``Tracer``'s mode has no ShapeEnv, so every shape is concrete and the C++ kernel gives the same
+    view. The Python path was 60 % of a TF-SWA trace at a shape new to its process.
+    """
+    original = {op: fake_impls.op_implementations_dict[op] for op in _VIEWS}
+    fake_impls.op_implementations_dict.update(dict.fromkeys(_VIEWS, _view_by_meta_kernel))
+    try:
+        yield
+    finally:
+        fake_impls.op_implementations_dict.update(original)
+
+
 def _cast_floating(dtype: torch.dtype) -> Callable[..., Any]:
     """A forward pre-hook casting a module's floating inputs to ``dtype``, as FSDP2's ``cast_forward_inputs``."""
 
@@ -273,7 +301,7 @@ class Tracer:
         """(optimizer state bytes, optimizer-step scratch bytes above them) of one AdamW step."""
         if self._optimizer is None:
             model = self.model("none")
-            with self.mode, _cuda_block_rounding(self.cuda):
+            with self.mode, _cuda_block_rounding(self.cuda), _views_by_meta_kernel():
                 for param in model.parameters():
                     param.grad = torch.zeros_like(param)
                 optimizer = torch.optim.AdamW(self.workload.param_groups(model), lr=1e-4, foreach=self.cuda)
@@ -296,7 +324,7 @@ class Tracer:
         start = time.perf_counter()
         model = self.model(checkpointing, cast)
         optimizer, optimizer_temp = self.optimizer()
-        with self.mode, _cuda_block_rounding(self.cuda):
+        with self.mode, _cuda_block_rounding(self.cuda), _views_by_meta_kernel():
             batch = self.workload.make_batch(batch_size, length)
             tracker = _CurveTracker()
             tracker.track_external(model, *[v for v in batch.values() if isinstance(v, torch.Tensor)])
