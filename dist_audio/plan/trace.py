@@ -30,6 +30,7 @@ workload's ``identity``), its key, the CUDA terms, torch and the source of the c
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import math
 import multiprocessing
@@ -493,12 +494,12 @@ class TracePool:
         if self.workers <= 1 or not keys:
             return
         if self._executor is None:
-            for _, _, precision, checkpointing, bf16_as in keys:  # built once here, inherited by the workers
-                self.tracer.model(checkpointing, bf16_as if precision == "bf16" else None)
-            self.tracer.optimizer()
             _POOL_TRACER = self.tracer
             self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
-            if not self._executor.submit(_autograd_works).result():
+            gc.freeze()  # the workers, forked at the first submit, then leave the inherited heap unwritten
+            autograd_works = self._executor.submit(_autograd_works)
+            gc.unfreeze()
+            if not autograd_works.result():
                 self.close()
                 self.workers = 1
                 return
