@@ -47,7 +47,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch._subclasses import fake_impls
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, in_kernel_invocation_manager
 from torch.distributed._tools import mem_tracker
 from torch.distributed._tools.mem_tracker import MemTracker
@@ -161,7 +160,7 @@ class _CurveTracker(MemTracker):
             return False
         if "scaled_dot_product" in func.__name__ and args:
             self.sdpa_query_elems = max(self.sdpa_query_elems, args[0].numel())
-        out = func(*args, **(kwargs or {}))
+        out = _run_operator(func, args, kwargs)
         if self._in_opt:
             reftype = _OPT
         elif self._mod_tracker.is_bw and not self._in_ac:
@@ -204,31 +203,27 @@ def _cuda_block_rounding(enabled: bool):
         mem_tracker._WeakRefInfo._calculate_mem_consumed = original
 
 
-_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+_UNSAFE_VIEW = torch.ops.aten._unsafe_view.default  # a view the schema does not declare as one
 
 
-def _view_by_meta_kernel(fake_mode: FakeTensorMode, func: Any, tensor: FakeTensor, size: list[int]) -> FakeTensor:
-    """A view of a fake tensor computed by ATen's C++ meta kernel: same sizes, strides and storage."""
-    with in_kernel_invocation_manager(fake_mode):
-        view = func(tensor, size)
-    return fake_mode.fake_tensor_converter.from_meta_and_device(fake_mode, view, tensor.fake_device)
+def _run_operator(func: Any, args: tuple, kwargs: dict | None) -> Any:
+    """Run one operator on fake tensors; views (which allocate nothing) through ATen's C++ meta kernel.
 
-
-@contextlib.contextmanager
-def _views_by_meta_kernel():
-    """Answer ``view`` / ``_unsafe_view`` of fake tensors with the meta kernel while tracing.
-
-    FakeTensorMode computes them in Python (``torch._refs._reshape_view_helper``: a split or collapse
-    per dimension, each a nested ``as_strided`` dispatch), which is built for symbolic shapes; a
-    ``Tracer``'s mode has no ShapeEnv, so every shape is concrete and the C++ kernel gives the same
-    view. The Python path was 60 % of a TF-SWA trace at a shape new to its process.
+    FakeTensorMode answers every operator through its dispatch cache, and views it computes in Python
+    (``torch._refs._reshape_view_helper``, decompositions: several nested dispatches per call) to
+    support symbolic shapes. A ``Tracer``'s mode has no ShapeEnv, so every shape is concrete and the
+    meta kernel returns the same sizes, strides and storage: views are 40-60 % of a step's operators,
+    and this halves a TF-SWA trace at a shape new to its process. Constant fake tensors (which carry
+    real data) keep the fake mode's path.
     """
-    original = {op: fake_impls.op_implementations_dict[op] for op in _VIEWS}
-    fake_impls.op_implementations_dict.update(dict.fromkeys(_VIEWS, _view_by_meta_kernel))
-    try:
-        yield
-    finally:
-        fake_impls.op_implementations_dict.update(original)
+    if ((func.is_view or func is _UNSAFE_VIEW) and not kwargs and isinstance(args[0], FakeTensor)
+            and args[0].constant is None):
+        fake_mode, device = args[0].fake_mode, args[0].fake_device
+        with in_kernel_invocation_manager(fake_mode):
+            out = func(*args)
+        return tree_map_only(torch.Tensor, lambda view: fake_mode.fake_tensor_converter.from_meta_and_device(
+            fake_mode, view, device), out)
+    return func(*args, **(kwargs or {}))
 
 
 def _cast_floating(dtype: torch.dtype) -> Callable[..., Any]:
@@ -302,7 +297,7 @@ class Tracer:
         """(optimizer state bytes, optimizer-step scratch bytes above them) of one AdamW step."""
         if self._optimizer is None:
             model = self.model("none")
-            with self.mode, _cuda_block_rounding(self.cuda), _views_by_meta_kernel():
+            with self.mode, _cuda_block_rounding(self.cuda):
                 for param in model.parameters():
                     param.grad = torch.zeros_like(param)
                 optimizer = torch.optim.AdamW(self.workload.param_groups(model), lr=1e-4, foreach=self.cuda)
@@ -325,7 +320,7 @@ class Tracer:
         start = time.perf_counter()
         model = self.model(checkpointing, cast)
         optimizer, optimizer_temp = self.optimizer()
-        with self.mode, _cuda_block_rounding(self.cuda), _views_by_meta_kernel():
+        with self.mode, _cuda_block_rounding(self.cuda):
             batch = self.workload.make_batch(batch_size, length)
             tracker = _CurveTracker()
             tracker.track_external(model, *[v for v in batch.values() if isinstance(v, torch.Tensor)])
