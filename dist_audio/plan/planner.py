@@ -37,6 +37,8 @@ from dist_audio.plan.model_states import (
 )
 from dist_audio.plan.trace import (
     CUDA_SEGMENT,
+    OPTIMIZER,
+    OptimizerTrace,
     StepTrace,
     TraceCache,
     TraceKey,
@@ -165,13 +167,13 @@ class Row:
                 "fits": self.fits}
 
 
-def predict(trace: StepTrace, strategy: str, layout: ParamLayout, world_size: int, gpus_per_node: int,
-            *, cuda: bool = True, budget: float = math.inf) -> Row:
+def predict(trace: StepTrace, optimizer: OptimizerTrace, strategy: str, layout: ParamLayout, world_size: int,
+            gpus_per_node: int, *, cuda: bool = True, budget: float = math.inf) -> Row:
     """Peak per GPU of ``strategy`` at the trace's shape: model states plus the traced curve, at the
     moment their sum is largest (during forward/backward, or in the optimizer step)."""
     states = model_states(strategy, trace.precision, layout, world_size)
     activations, temporary, grads = trace.dynamic_peak(states.grads, states.grad_buffers)
-    opt_temp = trace.optimizer_temp * states.optimizer / trace.optimizer if trace.optimizer else 0.0
+    opt_temp = optimizer.temporary * states.optimizer / optimizer.states if optimizer.states else 0.0
     if states.grads + states.grad_buffers + opt_temp > activations + temporary + grads:
         activations, temporary, grads = 0.0, opt_temp, states.grads + states.grad_buffers
     if cuda:
@@ -268,7 +270,8 @@ class Planner:
 
     def trace(self, batch_size: int, length: int, precision: str, checkpointing: str,
               bf16_as: str = "autocast") -> StepTrace:
-        return self.pool.get((batch_size, length, precision, checkpointing, bf16_as if precision == "bf16" else None))
+        return self.pool.get((batch_size, length, precision, checkpointing,  # type: ignore[return-value]
+                              bf16_as if precision == "bf16" else None))
 
     @property
     def traces(self) -> int:
@@ -276,11 +279,12 @@ class Planner:
 
     def row(self, strategy: str, batch_size: int, length: int, precision: str, checkpointing: str) -> Row:
         trace = self.pool.get(self.key(strategy, batch_size, length, precision, checkpointing))
-        return predict(trace, strategy, self.layout, self.world, self.gpus, cuda=self.cuda, budget=self.budget)
+        return predict(trace, self.pool.get(OPTIMIZER), strategy, self.layout, self.world, self.gpus,  # type: ignore[arg-type]
+                       cuda=self.cuda, budget=self.budget)
 
     def rows(self, batch_size: int, length: int) -> list[Row]:
         variants = [(s, ac, p) for s in STRATEGIES for ac in CHECKPOINTING for p in PRECISIONS]
-        self.pool.prefetch(self.key(s, batch_size, length, p, ac) for s, ac, p in variants)
+        self.pool.prefetch([OPTIMIZER, *(self.key(s, batch_size, length, p, ac) for s, ac, p in variants)])
         return [self.row(s, batch_size, length, p, ac) for s, ac, p in variants]
 
     def largest(self, row: Row, batch_size: int, length: int, axis: str, cap: int) -> tuple[int, float, bool]:

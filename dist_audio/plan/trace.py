@@ -95,8 +95,6 @@ class StepTrace:
     params: int  # parameters as traced (their dtype as the engine stores them, one device)
     buffers: int  # module buffers (replicated under every strategy)
     grads: int  # parameter gradients at the end of backward
-    optimizer: int  # optimizer states after the step
-    optimizer_temp: int  # scratch of the optimizer step above its states
     activations: np.ndarray  # per operator during forward + backward (inputs included)
     temporary: np.ndarray  # per operator: activation gradients and backward scratch
     grad_fraction: np.ndarray  # per operator: share of the final parameter gradients already live
@@ -111,6 +109,16 @@ class StepTrace:
         grad_curve = self.grad_fraction * grads + in_backward * grad_buffers
         i = int(np.argmax(self.activations + self.temporary + grad_curve))
         return float(self.activations[i]), float(self.temporary[i]), float(grad_curve[i])
+
+
+@dataclass(frozen=True)
+class OptimizerTrace:
+    """Memory of one AdamW step, in bytes: it depends on the parameters, not on the batch, so it is
+    traced once per workload."""
+
+    states: int  # optimizer states after the step
+    temporary: int  # scratch of the step above its states
+    seconds: float  # wall time of the trace
 
 
 class _CurveTracker(MemTracker):
@@ -277,7 +285,7 @@ class Tracer:
         self.workload, self.cuda = workload, cuda
         self.mode = FakeTensorMode()
         self._models: dict[tuple[str, str | None], nn.Module] = {}
-        self._optimizer: tuple[int, int] | None = None
+        self._optimizer: OptimizerTrace | None = None
 
     def model(self, checkpointing: str, bf16_as: str | None = None) -> nn.Module:
         """The fake model with ``checkpointing`` applied, its parameters stored as ``bf16_as`` says
@@ -293,9 +301,10 @@ class Tracer:
             self._models[key] = model
         return self._models[key]
 
-    def optimizer(self) -> tuple[int, int]:
-        """(optimizer state bytes, optimizer-step scratch bytes above them) of one AdamW step."""
+    def optimizer(self) -> OptimizerTrace:
+        """One AdamW step over the fp32 model's gradients (traced once, then remembered)."""
         if self._optimizer is None:
+            start = time.perf_counter()
             model = self.model("none")
             with self.mode, _cuda_block_rounding(self.cuda):
                 for param in model.parameters():
@@ -307,7 +316,8 @@ class Tracer:
                     optimizer.step()
                     states = next(iter(tracker.get_tracker_snapshot("current").values()))[_OPT]
                 model.zero_grad(set_to_none=True)
-            self._optimizer = (int(states), int(max([row[3] for row in tracker.curve] or [0]) - states))
+            self._optimizer = OptimizerTrace(int(states), int(max([row[3] for row in tracker.curve] or [0]) - states),
+                                             time.perf_counter() - start)
         return self._optimizer
 
     def step(self, batch_size: int, length: int, *, precision: str = "fp32",
@@ -319,7 +329,6 @@ class Tracer:
         cast = bf16_as if precision == "bf16" else None
         start = time.perf_counter()
         model = self.model(checkpointing, cast)
-        optimizer, optimizer_temp = self.optimizer()
         with self.mode, _cuda_block_rounding(self.cuda):
             batch = self.workload.make_batch(batch_size, length)
             tracker = _CurveTracker()
@@ -338,7 +347,6 @@ class Tracer:
         return StepTrace(
             batch_size=batch_size, length=length, precision=precision, checkpointing=checkpointing,
             bf16_as=cast, params=int(final[_PARAM]), buffers=int(final[_BUFFER]), grads=grads,
-            optimizer=optimizer, optimizer_temp=optimizer_temp,
             activations=curve[:, 0], temporary=curve[:, 1],
             grad_fraction=curve[:, 2] / grads if grads else np.zeros(len(curve)),
             largest_alloc=tracker.largest_alloc, sdpa_workspace=4 * tracker.sdpa_query_elems,
@@ -346,18 +354,21 @@ class Tracer:
         )
 
 
-TraceKey = tuple[int, int, str, str, str | None]  # (micro-batch, length, precision, checkpointing, bf16_as)
+TraceKey = tuple  # (micro-batch, length, precision, checkpointing, bf16_as) of a step, or OPTIMIZER
+OPTIMIZER: TraceKey = ("optimizer",)  # the AdamW step, traced once per workload
 
 _POOL_TRACER: Tracer | None = None  # the tracer forked workers inherit
 
 
-def _trace(tracer: Tracer, key: TraceKey) -> StepTrace:
+def _trace(tracer: Tracer, key: TraceKey) -> StepTrace | OptimizerTrace:
+    if key == OPTIMIZER:
+        return tracer.optimizer()
     batch_size, length, precision, checkpointing, bf16_as = key
     return tracer.step(batch_size, length, precision=precision, checkpointing=checkpointing,
                        bf16_as=bf16_as or "autocast")
 
 
-def _trace_in_worker(keys: list[TraceKey]) -> list[StepTrace]:
+def _trace_in_worker(keys: list[TraceKey]) -> list[StepTrace | OptimizerTrace]:
     assert _POOL_TRACER is not None, "workers are forked after the pool sets its tracer"
     return [_trace(_POOL_TRACER, key) for key in keys]
 
@@ -366,6 +377,8 @@ def _same_shapes(key: TraceKey) -> tuple:
     """Keys alike here trace the same operators on the same shapes and dtypes (only checkpointing
     differs), so one process traces them in a row: the second reuses the fake-tensor cache entries
     of the first, which at a new shape cost about as much as the rest of the trace."""
+    if key == OPTIMIZER:
+        return key
     batch_size, length, precision, _, bf16_as = key
     return batch_size, length, precision, bf16_as
 
@@ -431,14 +444,14 @@ class TraceCache:
         name = hashlib.sha256(repr((self._digest, identity, key, cuda)).encode()).hexdigest()
         return self.directory / f"{name}.pkl"
 
-    def load(self, identity: str, key: TraceKey, cuda: bool) -> StepTrace | None:
+    def load(self, identity: str, key: TraceKey, cuda: bool) -> StepTrace | OptimizerTrace | None:
         try:
             trace = pickle.loads(self._path(identity, key, cuda).read_bytes())
         except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError):
             return None
-        return trace if isinstance(trace, StepTrace) else None
+        return trace if isinstance(trace, OptimizerTrace if key == OPTIMIZER else StepTrace) else None
 
-    def save(self, identity: str, key: TraceKey, cuda: bool, trace: StepTrace) -> None:
+    def save(self, identity: str, key: TraceKey, cuda: bool, trace: StepTrace | OptimizerTrace) -> None:
         path = self._path(identity, key, cuda)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -450,13 +463,14 @@ class TraceCache:
 
 
 class TracePool:
-    """Traces keyed steps of one ``Tracer``, memoised, in ``workers`` forked processes (in-process with 1).
+    """Traces keyed steps (and the ``OPTIMIZER`` step) of one ``Tracer``, memoised, in ``workers`` forked
+    processes (in-process with 1).
 
-    The workers are forked from this process once the tracer has built its models and traced the
-    optimizer, so they start with everything (including fake-tensor caches) this process has; each
-    trace is independent of the others, so results do not depend on which worker ran it. Where a forked
-    child cannot run autograd (this process already ran a backward pass, e.g. inside a test session),
-    tracing stays in this process.
+    The workers are forked at the first ``prefetch``, right after the imports, with the inherited heap
+    frozen so that neither side's garbage collector writes to (and so copies) the other's pages; each
+    builds the models it traces. Each trace is independent of the others, so results do not depend on
+    which worker ran it. Where a forked child cannot run autograd (this process already ran a backward
+    pass, e.g. inside a test session), tracing stays in this process.
     """
 
     def __init__(self, tracer: Tracer, workers: int = 1, cache: TraceCache | None = None):
@@ -479,7 +493,7 @@ class TracePool:
         future.set_result(trace)
         self._futures[key] = future
         self._stored.add(key)
-        self.from_cache += 1
+        self.from_cache += key != OPTIMIZER
         return True
 
     def prefetch(self, keys: Iterable[TraceKey]) -> None:
@@ -506,7 +520,7 @@ class TracePool:
             for i, key in enumerate(group):
                 self._futures[key] = _item(task, i)
 
-    def get(self, key: TraceKey) -> StepTrace:
+    def get(self, key: TraceKey) -> StepTrace | OptimizerTrace:
         if key not in self._futures:
             self.prefetch([key])
         if key not in self._futures:  # in-process
@@ -520,7 +534,8 @@ class TracePool:
         return trace
 
     def __len__(self) -> int:
-        return len(self._futures)
+        """Steps traced or read from the cache."""
+        return sum(key != OPTIMIZER for key in self._futures)
 
     def close(self) -> None:
         if self._executor is not None:

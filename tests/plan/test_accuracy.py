@@ -49,9 +49,10 @@ def predicted_peak(case: dict, world: int) -> float:
     with torch.device("meta"):
         layout = param_layout(workload.build_model())
     strategy = "ddp" if world == 1 else "fsdp"
-    trace = Tracer(workload, cuda=False).step(case["batch"], case["length"], checkpointing=case["checkpointing"],
-                                             precision=case.get("precision", "fp32"), bf16_as=BF16_AS[strategy])
-    row = predict(trace, strategy, layout, world, world, cuda=False)
+    tracer = Tracer(workload, cuda=False)
+    trace = tracer.step(case["batch"], case["length"], checkpointing=case["checkpointing"],
+                        precision=case.get("precision", "fp32"), bf16_as=BF16_AS[strategy])
+    row = predict(trace, tracer.optimizer(), strategy, layout, world, world, cuda=False)
     return row.total
 
 

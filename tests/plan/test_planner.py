@@ -90,11 +90,11 @@ def test_checkpointing_and_bf16_shrink_traced_activations():
 
 def test_cuda_accounting_adds_allocator_rounding_and_runtime():
     workload = toy_workload()
-    cpu = Tracer(workload, cuda=False).step(1, 100)
-    cuda = Tracer(workload, cuda=True).step(1, 100)
+    on_cpu, on_cuda = Tracer(workload, cuda=False), Tracer(workload, cuda=True)
+    cpu, cuda = on_cpu.step(1, 100), on_cuda.step(1, 100)
     assert cuda.activations.max() > cpu.activations.max()  # 512-byte blocks
-    row_cpu = predict(cpu, "ddp", LAYOUT, 1, 1, cuda=False)
-    row_cuda = predict(cuda, "ddp", LAYOUT, 1, 1, cuda=True)
+    row_cpu = predict(cpu, on_cpu.optimizer(), "ddp", LAYOUT, 1, 1, cuda=False)
+    row_cuda = predict(cuda, on_cuda.optimizer(), "ddp", LAYOUT, 1, 1, cuda=True)
     assert row_cuda.temporary - row_cpu.temporary >= 0.5 * GIB
 
 
