@@ -229,8 +229,10 @@ def _run_operator(func: Any, args: tuple, kwargs: dict | None) -> Any:
         fake_mode, device = args[0].fake_mode, args[0].fake_device
         with in_kernel_invocation_manager(fake_mode):
             out = func(*args)
-        return tree_map_only(torch.Tensor, lambda view: fake_mode.fake_tensor_converter.from_meta_and_device(
-            fake_mode, view, device), out)
+        wrap = fake_mode.fake_tensor_converter.from_meta_and_device
+        if isinstance(out, torch.Tensor):
+            return wrap(fake_mode, out, device)
+        return type(out)(wrap(fake_mode, view, device) for view in out)  # unbind, split, ...: several views
     return func(*args, **(kwargs or {}))
 
 
