@@ -469,7 +469,7 @@ class TracePool:
     processes (in-process with 1).
 
     The workers are forked at the first ``prefetch``, right after the imports, with the inherited heap
-    frozen so that neither side's garbage collector writes to (and so copies) the other's pages; each
+    frozen, so that their garbage collectors skip it instead of copying its pages to mark them; each
     builds the models it traces. Each trace is independent of the others, so results do not depend on
     which worker ran it. Where a forked child cannot run autograd (this process already ran a backward
     pass, e.g. inside a test session), tracing stays in this process.
@@ -507,7 +507,7 @@ class TracePool:
         if self._executor is None:
             _POOL_TRACER = self.tracer
             self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
-            gc.freeze()  # the workers, forked at the first submit, then leave the inherited heap unwritten
+            gc.freeze()  # the workers are forked at the first submit; their collectors then skip this heap
             autograd_works = self._executor.submit(_autograd_works)
             gc.unfreeze()
             if not autograd_works.result():
