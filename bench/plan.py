@@ -10,9 +10,13 @@
 (c) the accuracy table of ``tests/plan/test_accuracy.py``: the prediction for real CPU training steps
     at small sizes (both debug models, with and without checkpointing, 1 process; FSDP2 on 2 gloo
     processes in fp32 and with bf16 parameters) against MemTracker on real tensors and the process's
-    peak-RSS rise.
+    peak-RSS rise;
+(d) with ``--against DIR`` (another checkout, e.g. ``git worktree add /tmp/before <commit>``): the cold
+    questions asked alternately of this tree and DIR, ``--rounds`` times each, min and median wall per
+    tree, and whether the two trees' answers are identical (the figures a speed-up is claimed with).
 
     OMP_NUM_THREADS=1 python bench/plan.py [--out bench/results/plan.md] [--skip-accuracy]
+                                           [--against DIR [--rounds 3]]
 
 A few minutes on 2 idle cores. Timings taken on a loaded machine are inflated; the load average is
 printed next to them.
@@ -25,6 +29,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,13 +50,14 @@ BEFORE = REPO / "bench" / "results" / "plan_before"
 MIB = 1024**2
 
 
-def ask(config: str, gpus: int, memory: str, cache: Path) -> tuple[dict, float, float]:
-    """One question through the command line in a fresh process: (plan JSON, wall s, CPU s incl. workers)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DIST_AUDIO_PLAN_CACHE": str(cache)}
+def ask(config: str, gpus: int, memory: str, cache: Path, tree: Path = REPO) -> tuple[dict, float, float]:
+    """One question through the command line of ``tree`` in a fresh process: (plan JSON, wall s, CPU s
+    incl. workers)."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "DIST_AUDIO_PLAN_CACHE": str(cache)}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall = time.perf_counter()
-    out = subprocess.run([sys.executable, str(REPO / "launch" / "plan.py"), "--config", config, "--gpus", str(gpus),
-                          "--gpu-memory", memory, "--json"], cwd=REPO, env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, str(tree / "launch" / "plan.py"), "--config", config, "--gpus", str(gpus),
+                          "--gpu-memory", memory, "--json"], cwd=tree, env=env, capture_output=True, text=True,
                          check=True)
     wall = time.perf_counter() - wall
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -93,6 +99,29 @@ def time_questions() -> tuple[list[str], list[str]]:
     return lines, comparison
 
 
+def side_by_side(other: Path, rounds: int) -> list[str]:
+    """Cold questions asked alternately of this tree and ``other`` (the order flips every round)."""
+    from _compare import TIMING
+
+    lines = [f"| config | GPUs | this tree: min / median s | `{other}`: min / median s | answers identical |",
+             "|---|---|---|---|---|"]
+    for config, gpus, memory, _ in QUESTIONS:
+        walls: dict[Path, list[float]] = {REPO: [], other: []}
+        answers = set()
+        for round_ in range(rounds):
+            for tree in (REPO, other) if round_ % 2 == 0 else (other, REPO):
+                with tempfile.TemporaryDirectory() as cache:
+                    plan, wall, _ = ask(config, gpus, memory, Path(cache), tree)
+                walls[tree].append(wall)
+                answers.add(json.dumps({k: v for k, v in plan.items() if k not in TIMING}, sort_keys=True))
+        mine, theirs = walls[REPO], walls[other]
+        identical = "yes" if len(answers) == 1 else "NO"
+        lines.append(f"| {config} | {gpus} × {memory} | {min(mine):.1f} / {statistics.median(mine):.1f} "
+                     f"| {min(theirs):.1f} / {statistics.median(theirs):.1f} | {identical} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def accuracy_table() -> list[str]:
     from test_accuracy import SINGLE, TWO_PROCESSES, TWO_PROCESSES_BF16, accuracy_rows
 
@@ -114,6 +143,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "plan.md"))
     parser.add_argument("--skip-accuracy", action="store_true", help="only time the planner")
+    parser.add_argument("--against", type=Path, help="another checkout to time the cold questions against")
+    parser.add_argument("--rounds", type=int, default=3, help="questions per tree with --against (default 3)")
     args = parser.parse_args()
     load_before = os.getloadavg()
     report = ["# Memory planner", "",
@@ -129,6 +160,10 @@ def main() -> None:
                "## Predictions against `bench/results/plan_before/` (the planner before this change)", ""]
     report += comparison
     report += [""]
+    if args.against:
+        report += [f"## Cold questions side by side with `{args.against}` ({args.rounds} rounds, alternating)", ""]
+        report += side_by_side(args.against.resolve(), args.rounds)
+        report += [""]
     if not args.skip_accuracy:
         report += ["## Predicted vs measured peak (CPU, second training step)", ""]
         report += accuracy_table()
