@@ -18,11 +18,12 @@ from dist_audio.plan.planner import (
     predict,
 )
 from dist_audio.plan.report import format_json, format_text, plot
-from dist_audio.plan.trace import StepTrace, Tracer, Workload
+from dist_audio.plan.trace import OptimizerTrace, StepTrace, Tracer, Workload
 
 __all__ = [
     "STRATEGIES",
     "ModelStates",
+    "OptimizerTrace",
     "ParamLayout",
     "Plan",
     "Planner",

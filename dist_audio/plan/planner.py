@@ -270,17 +270,16 @@ class Planner:
 
     def trace(self, batch_size: int, length: int, precision: str, checkpointing: str,
               bf16_as: str = "autocast") -> StepTrace:
-        return self.pool.get((batch_size, length, precision, checkpointing,  # type: ignore[return-value]
-                              bf16_as if precision == "bf16" else None))
+        return self.pool.step((batch_size, length, precision, checkpointing, bf16_as if precision == "bf16" else None))
 
     @property
     def traces(self) -> int:
         return len(self.pool)
 
     def row(self, strategy: str, batch_size: int, length: int, precision: str, checkpointing: str) -> Row:
-        trace = self.pool.get(self.key(strategy, batch_size, length, precision, checkpointing))
-        return predict(trace, self.pool.get(OPTIMIZER), strategy, self.layout, self.world, self.gpus,  # type: ignore[arg-type]
-                       cuda=self.cuda, budget=self.budget)
+        trace = self.pool.step(self.key(strategy, batch_size, length, precision, checkpointing))
+        return predict(trace, self.pool.optimizer(), strategy, self.layout, self.world, self.gpus, cuda=self.cuda,
+                       budget=self.budget)
 
     def rows(self, batch_size: int, length: int) -> list[Row]:
         variants = [(s, ac, p) for s in STRATEGIES for ac in CHECKPOINTING for p in PRECISIONS]

@@ -522,7 +522,15 @@ class TracePool:
             for i, key in enumerate(group):
                 self._futures[key] = _item(task, i)
 
-    def get(self, key: TraceKey) -> StepTrace | OptimizerTrace:
+    def step(self, key: TraceKey) -> StepTrace:
+        """The traced step of ``key`` (waits for it, or traces it here)."""
+        return self._get(key)  # type: ignore[return-value]
+
+    def optimizer(self) -> OptimizerTrace:
+        """The traced AdamW step (waits for it, or traces it here)."""
+        return self._get(OPTIMIZER)  # type: ignore[return-value]
+
+    def _get(self, key: TraceKey) -> StepTrace | OptimizerTrace:
         if key not in self._futures:
             self.prefetch([key])
         if key not in self._futures:  # in-process
